@@ -1,0 +1,49 @@
+"""One preallocated KV store per layer, addressed by slot; positions map to slots through per-sequence tables.
+
+Slot 0 is scratch: padding rows write there and padding columns read it (masked). A rejected draft costs
+nothing: its slots are simply overwritten later.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gorgon.config import ModelConfig
+
+SCRATCH_SLOT = 0
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_slots + 1, cfg.num_kv_heads, cfg.head_dim)  # +1: the scratch slot
+        self.layers = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ]
+        self.num_slots = num_slots
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+class SlotAllocator:
+    """Free list of KV slots. Pure bookkeeping, no tensors, so the scheduler can be tested on its own."""
+
+    def __init__(self, num_slots: int) -> None:
+        # Hand out low slots first: they are touched most and stay warm in cache.
+        self._free = list(range(num_slots, SCRATCH_SLOT, -1))
+        self.capacity = num_slots
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV cache exhausted: need {n} slots, {len(self._free)} free")
+        taken = self._free[-n:] if n else []
+        del self._free[len(self._free) - n :]
+        return taken[::-1]
+
+    def free(self, slots: list[int]) -> None:
+        self._free.extend(reversed(slots))

@@ -1,0 +1,149 @@
+"""The Llama family (Llama, Mistral, Qwen2) as a plain PyTorch module.
+
+Tokens of all sequences in a step are laid out flat ([T] rows); attention finds each sequence's rows and
+keys through `AttentionMetadata`. Projections are fused (qkv, gate+up) for speed; `load_hf_state_dict`
+maps HF tensor names onto them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gorgon.config import ModelConfig
+from gorgon.models.attention import AttentionMetadata, paged_attention
+from gorgon.models.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(T, self.n_heads, self.head_dim), *cos_sin)
+        k = apply_rotary(k.view(T, self.n_kv, self.head_dim), *cos_sin)
+        k_cache, v_cache = kv
+        k_cache[meta.write_slots] = k.to(k_cache.dtype)
+        v_cache[meta.write_slots] = v.view(T, self.n_kv, self.head_dim).to(v_cache.dtype)
+        out = paged_attention(q, k_cache, v_cache, meta)  # (T, nh, d)
+        return self.o_proj(out.reshape(T, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos_sin, kv, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden] (after the last norm): what feeds lm_head."""
+        x = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions)
+        for layer, kv in zip(self.layers, kv_cache):
+            x = layer(x, cos_sin, kv, meta)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named weights (model.layers.N.self_attn.q_proj.weight, ...) into the fused layout."""
+        own = self.state_dict()
+        fused = _fuse_hf_names(sd, self.config.num_layers)
+        if self.config.tie_word_embeddings:
+            fused.pop("lm_head.weight", None)
+        for name, tensor in fused.items():
+            if name not in own:
+                raise ValueError(f"Unexpected weight {name!r} in checkpoint")
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+        missing = set(own) - set(fused) - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
+        if missing:
+            raise ValueError(f"Checkpoint lacks weights: {', '.join(sorted(missing)[:5])}")
+
+
+_FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def _fuse_hf_names(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """HF names -> this module's names; q/k/v and gate/up are concatenated along the output dim."""
+    parts_of_fused = {f"{block}.{p}" for block, (_, parts) in _FUSED.items() for p in parts}
+    out = {}
+    for name, tensor in sd.items():
+        key = name.removeprefix("model.")
+        pieces = key.split(".")
+        if name.endswith("rotary_emb.inv_freq") or ".".join(pieces[2:4]) in parts_of_fused:
+            continue
+        out[key] = tensor
+    for i in range(num_layers):
+        for block, (fused_name, parts) in _FUSED.items():
+            for kind in ("weight", "bias"):
+                tensors = [sd.get(f"model.layers.{i}.{block}.{p}.{kind}") for p in parts]
+                if all(t is not None for t in tensors):
+                    out[f"layers.{i}.{block}.{fused_name}.{kind}"] = torch.cat(tensors)
+    return out

@@ -1,0 +1,79 @@
+"""Tiny random models of each family, built from a config inside the tests (no hub)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from gorgon.config import ModelConfig
+from gorgon.models.llama import LlamaModel
+
+FAMILIES = {
+    "llama": dict(model_type="llama", cls="LlamaConfig"),
+    "mistral": dict(model_type="mistral", cls="MistralConfig", sliding_window=12),
+    "qwen2": dict(model_type="qwen2", cls="Qwen2Config"),
+    "llama3-rope": dict(
+        model_type="llama",
+        cls="LlamaConfig",
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "yarn-rope": dict(
+        model_type="qwen2",
+        cls="Qwen2Config",
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "tied-mha": dict(model_type="llama", cls="LlamaConfig", tie_word_embeddings=True, num_key_value_heads=4),
+}
+
+
+def tiny_hf_config(family: str = "llama", **overrides):
+    spec = dict(FAMILIES[family])
+    cls = getattr(transformers, spec.pop("cls"))
+    spec.pop("model_type")
+    kwargs = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(spec)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def tiny_hf_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    # Random init leaves norms at 1 and biases at 0; perturb them so they are actually tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def gorgon_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> LlamaModel:
+    cfg = ModelConfig.from_hf(hf_model.config.to_dict())
+    model = LlamaModel(cfg)
+    model.load_hf_state_dict(hf_model.state_dict())
+    return model.to(dtype).eval()
