@@ -13,6 +13,12 @@ from gorgon.config import ModelConfig
 SCRATCH_SLOT = 0
 
 
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Attention runs in float32. On a CPU memory is plentiful and a float32 cache saves two casts per layer;
+    on accelerators keep the serving dtype (half the memory)."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (num_slots + 1, cfg.num_kv_heads, cfg.head_dim)  # +1: the scratch slot

@@ -6,20 +6,9 @@ import torch
 
 from gorgon.engine.kv_cache import SCRATCH_SLOT, KVCache
 from gorgon.engine.scheduler import StepPlan
+from gorgon.kernels.linear import row_multiple
 from gorgon.models.attention import KV_BLOCK, QUERY_ROW_MULTIPLE, AttentionMetadata
 from gorgon.models.llama import LlamaModel
-
-
-def row_multiple(dtype: torch.dtype, device: torch.device) -> int:
-    """Row-count multiple at which the BLAS gives each row the same bits whatever the row count.
-
-    Measured on this CPU (torch 2.13, oneDNN/MKL): bfloat16 GEMMs are row-stable for even row counts, float32
-    GEMMs for multiples of 4 (smaller counts take a GEMV path that rounds differently). Padding costs a few
-    rows per step and buys batch invariance. Other devices get the conservative 4.
-    """
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return 2
-    return 4
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -72,10 +61,12 @@ class ModelRunner:
         qi = torch.tensor([r + [pad_row] * (tq - len(r)) for r in q_index], dtype=torch.long, device=dev)
         qp = torch.tensor([p + [-1] * (tq - len(p)) for p in q_pos], dtype=torch.long, device=dev)
         kv = torch.tensor([s + [SCRATCH_SLOT] * (ctx - len(s)) for s in seq_slots], dtype=torch.long, device=dev)
-        return AttentionMetadata(
-            q_index=qi,
-            q_pos=qp,
-            kv_slots=kv,
-            write_slots=torch.tensor(write_slots, dtype=torch.long, device=dev),
-            sliding_window=self.model.config.sliding_window,
+        cfg = self.model.config
+        return AttentionMetadata.build(
+            qi,
+            qp,
+            kv,
+            torch.tensor(write_slots, dtype=torch.long, device=dev),
+            heads_per_kv=cfg.num_heads // cfg.num_kv_heads,
+            sliding_window=cfg.sliding_window,
         )

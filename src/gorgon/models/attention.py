@@ -25,67 +25,87 @@ QUERY_ROW_MULTIPLE = 4
 class AttentionMetadata:
     """Tensors the runner builds once per step; shared by all layers.
 
-    B sequences, each with Tq (padded) query rows:
-      q_index  [B, Tq]  flat token row of each query row; padding points at row T (a zero row)
-      q_pos    [B, Tq]  logical position of each query row; padding is -1 (sees nothing)
-      kv_slots [B, nb*KV_BLOCK]  slot of each logical position; padding slots are 0 (masked)
-      write_slots [T]   where each flat row's key/value is stored (slot 0 is a scratch slot)
+    B sequences, each with Tq query rows (padded to QUERY_ROW_MULTIPLE):
+      q_index     [B*Tq]  flat token row of each query row; padding points at row T (a zero row)
+      kv_slots    [nb][B*KV_BLOCK]  per block, the slot of each logical position; padding slots are 0
+      block_masks [nb][B, 1, rep*Tq, KV_BLOCK]  True where a key is hidden from a query row
+      write_slots [T]  where each flat row's key/value is stored (slot 0 is a scratch slot)
     """
 
+    num_seqs: int
+    rows_per_seq: int
     q_index: torch.Tensor
-    q_pos: torch.Tensor
-    kv_slots: torch.Tensor
+    kv_slots: list[torch.Tensor]
+    block_masks: list[torch.Tensor]
     write_slots: torch.Tensor
-    sliding_window: int | None = None
 
-    @property
-    def num_blocks(self) -> int:
-        return self.kv_slots.shape[1] // KV_BLOCK
+    @classmethod
+    def build(
+        cls,
+        q_index: torch.Tensor,  # [B, Tq]
+        q_pos: torch.Tensor,  # [B, Tq], -1 for padding rows
+        kv_slots: torch.Tensor,  # [B, nb*KV_BLOCK]
+        write_slots: torch.Tensor,
+        heads_per_kv: int,
+        sliding_window: int | None,
+    ) -> "AttentionMetadata":
+        B, Tq = q_index.shape
+        pos = q_pos.repeat(1, heads_per_kv).view(B, 1, heads_per_kv * Tq, 1)  # rows ordered (rep, Tq)
+        offsets = torch.arange(KV_BLOCK, device=q_pos.device).view(1, 1, 1, KV_BLOCK)
+        masks, slots = [], []
+        for j in range(kv_slots.shape[1] // KV_BLOCK):
+            k_pos = offsets + j * KV_BLOCK
+            hidden = k_pos > pos
+            if sliding_window is not None:
+                hidden = hidden | (k_pos <= pos - sliding_window)
+            masks.append(hidden)
+            slots.append(kv_slots[:, j * KV_BLOCK : (j + 1) * KV_BLOCK].reshape(-1))
+        return cls(B, Tq, q_index.reshape(-1), slots, masks, write_slots)
 
 
 def paged_attention(
-    q: torch.Tensor,  # [T, n_heads, d] (rope applied)
+    q: torch.Tensor,  # [T, n_heads, d] float32 (rope applied)
     k_cache: torch.Tensor,  # [S, n_kv, d]
     v_cache: torch.Tensor,  # [S, n_kv, d]
     meta: AttentionMetadata,
 ) -> torch.Tensor:
+    """Returns [T, n_heads, d] float32."""
     T, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
     rep = n_heads // n_kv
-    B, Tq = meta.q_index.shape
-    scale = d**-0.5
+    B, Tq = meta.num_seqs, meta.rows_per_seq
+    rows = rep * Tq
 
     # Gather each sequence's query rows; grouped-query heads fold into the row dimension.
-    q_padded = torch.cat([q, q.new_zeros(1, n_heads, d)])
-    qb = q_padded[meta.q_index].float() * scale  # (B, Tq, nh, d)
-    qb = qb.view(B, Tq, n_kv, rep, d).permute(0, 2, 3, 1, 4).reshape(B, n_kv, rep * Tq, d)
-    q_pos = meta.q_pos.repeat(1, rep).view(B, 1, rep * Tq, 1)
+    q_padded = torch.cat([q.float(), q.new_zeros(1, n_heads, d, dtype=torch.float32)])
+    qb = q_padded.index_select(0, meta.q_index).mul_(d**-0.5)  # (B*Tq, nh, d)
+    qb = qb.view(B, Tq, n_kv, rep, d).permute(0, 2, 3, 1, 4).reshape(B, n_kv, rows, d)
 
-    m = torch.full((B, n_kv, rep * Tq, 1), float("-inf"), device=q.device)
-    denom = torch.zeros((B, n_kv, rep * Tq, 1), device=q.device)
-    acc = torch.zeros((B, n_kv, rep * Tq, d), device=q.device)
-    offsets = torch.arange(KV_BLOCK, device=q.device).view(1, 1, 1, KV_BLOCK)
-    for j in range(meta.num_blocks):
-        slots = meta.kv_slots[:, j * KV_BLOCK : (j + 1) * KV_BLOCK]
-        k = k_cache[slots].float().permute(0, 2, 3, 1)  # (B, n_kv, d, BK)
-        v = v_cache[slots].float().transpose(1, 2)  # (B, n_kv, BK, d)
-        scores = qb @ k  # (B, n_kv, rep*Tq, BK)
-        k_pos = offsets + j * KV_BLOCK
-        hidden = k_pos > q_pos
-        if meta.sliding_window is not None:
-            hidden = hidden | (k_pos <= q_pos - meta.sliding_window)
-        scores = scores.masked_fill(hidden, float("-inf"))
-        m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
+    m = denom = acc = None
+    for slots, hidden in zip(meta.kv_slots, meta.block_masks):
+        # Explicit contiguous copies: the matmuls then see one memory layout whatever B is.
+        k = k_cache.index_select(0, slots).float().view(B, KV_BLOCK, n_kv, d).permute(0, 2, 3, 1).contiguous()
+        v = v_cache.index_select(0, slots).float().view(B, KV_BLOCK, n_kv, d).transpose(1, 2).contiguous()
+        scores = torch.matmul(qb, k).masked_fill_(hidden, float("-inf"))  # (B, n_kv, rows, BK)
+        block_max = scores.amax(-1, keepdim=True)
+        if m is None:
+            # First block: the general update below with m = -inf, denom = acc = 0 reduces to exactly this
+            # (0 * 0 + x == x), so skipping it changes no bit.
+            m_safe = torch.where(block_max == float("-inf"), 0.0, block_max)
+            p = torch.exp(scores - m_safe)
+            m, denom, acc = block_max, p.sum(-1, keepdim=True), torch.matmul(p, v)
+            continue
+        m_new = torch.maximum(m, block_max)
         # Rows that have seen nothing yet keep m = -inf; use 0 there so exp() gives exact zeros, not NaN.
-        m_safe = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+        m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
         p = torch.exp(scores - m_safe)
         correction = torch.exp(m - m_safe)
         denom = denom * correction + p.sum(-1, keepdim=True)
-        acc = acc * correction + p @ v
+        acc = acc * correction + torch.matmul(p, v)
         m = m_new
     out = acc / denom.clamp_min(torch.finfo(torch.float32).tiny)  # padding rows have denom 0
     out = out.view(B, n_kv, rep, Tq, d).permute(0, 3, 1, 2, 4).reshape(B * Tq, n_heads, d)
 
-    result = q.new_zeros(T + 1, n_heads, d)
-    result[meta.q_index.reshape(-1)] = out.to(q.dtype)
+    result = out.new_zeros(T + 1, n_heads, d)
+    result[meta.q_index] = out
     return result[:T]

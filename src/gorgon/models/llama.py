@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gorgon.config import ModelConfig
+from gorgon.kernels.linear import InvariantLinear as Linear
 from gorgon.models.attention import AttentionMetadata, paged_attention
 from gorgon.models.rope import RotaryEmbedding, apply_rotary
 
@@ -33,8 +34,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
         self,
@@ -44,23 +45,25 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.n_heads, self.head_dim), *cos_sin)
-        k = apply_rotary(k.view(T, self.n_kv, self.head_dim), *cos_sin)
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in the fused projection: one rotary call serves both (float32 out).
+        qk = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), *cos_sin)
+        q, k = qk[:, :nh], qk[:, nh:]
+        v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
         k_cache, v_cache = kv
         k_cache[meta.write_slots] = k.to(k_cache.dtype)
-        v_cache[meta.write_slots] = v.view(T, self.n_kv, self.head_dim).to(v_cache.dtype)
-        out = paged_attention(q, k_cache, v_cache, meta)  # (T, nh, d)
-        return self.o_proj(out.reshape(T, q_size))
+        v_cache[meta.write_slots] = v.to(v_cache.dtype)
+        out = paged_attention(q, k_cache, v_cache, meta)  # (T, nh, d) float32
+        return self.o_proj(out.reshape(T, nh * d).to(x.dtype))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -87,7 +90,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)

@@ -72,8 +72,8 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, n_heads, head_dim]; rotate-half convention of HF Llama. Computed in float32."""
+    """x [T, n_heads, head_dim] -> float32; rotate-half convention of HF Llama."""
     xf = x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    return xf * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,143 @@
+"""`gorgon bench`: tokens/s of the engine, single stream and concurrent, against HF transformers `generate`
+on the same prompts, dtype and machine, in one run. Prints a table and writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gorgon.bench.prompts import CHAT_PROMPTS
+from gorgon.config import EngineConfig
+from gorgon.engine.llm_engine import LLMEngine
+from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams
+from gorgon.models.factory import build_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _request(ids: list[int], max_new: int) -> GenerationRequest:
+    # ignore_eos: every run generates exactly max_new tokens, so engines are compared on equal work.
+    return GenerationRequest(ids, SamplingParams(), StoppingParams(max_new_tokens=max_new, ignore_eos_token=True))
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], max_new: int, concurrency: int) -> dict:
+    """Run `prompts` through the engine, `concurrency` at a time. Returns tokens/s and the outputs."""
+    results: dict[int, list[int]] = {}
+    tokens = 0
+    start = time.perf_counter()
+    pending = list(enumerate(prompts))
+    in_flight = 0
+    bar = tqdm(total=len(prompts) * max_new, desc=f"gorgon x{concurrency}", unit="tok", leave=False)
+
+    def sink_for(i: int):
+        def sink(out) -> None:
+            nonlocal in_flight, tokens
+            if isinstance(out, FinalOutput):
+                results[i] = [t.id for t in out.tokens]
+                tokens += out.generated_tokens
+                in_flight -= 1
+            else:
+                bar.update(1)
+
+        return sink
+
+    while pending or in_flight:
+        while pending and in_flight < concurrency:
+            i, ids = pending.pop(0)
+            engine.add_request(_request(ids, max_new), sink_for(i))
+            in_flight += 1
+        engine.step()
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "outputs": results}
+
+
+def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], max_new: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    tokens, outputs = 0, {}
+    start = time.perf_counter()
+    for i, ids in enumerate(tqdm(prompts, desc="hf generate", leave=False)):
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False
+            )
+        outputs[i] = out[0, len(ids) :].tolist()
+        tokens += len(outputs[i])
+    elapsed = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "outputs": outputs}
+
+
+def bench_dtype(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(dtype_name, device)
+    model = build_model(ckpt, dtype, device)
+    eos = set(ckpt.config.eos_token_ids)
+    engine = LLMEngine(model, ckpt.tokenizer, EngineConfig(), dtype, device, eos)
+    prompts = [chat_ids(ckpt.tokenizer, p) for p in CHAT_PROMPTS[: args.prompts]]
+    run_engine(engine, prompts[:1], 8, 1)  # warm-up
+    single = run_engine(engine, prompts, args.max_new_tokens, 1)
+    batch = run_engine(engine, prompts, args.max_new_tokens, args.concurrency)
+    row = {
+        "dtype": dtype_name,
+        "gorgon_single_tok_s": single["tok_s"],
+        f"gorgon_x{args.concurrency}_tok_s": batch["tok_s"],
+        "concurrency_gain": batch["tok_s"] / single["tok_s"],
+        # Batch invariance, end to end: the same greedy tokens alone and in a batch.
+        "batch_invariant_outputs": single["outputs"] == batch["outputs"],
+    }
+    if not args.skip_hf:
+        hf = run_hf(ckpt.path, dtype, prompts, args.max_new_tokens)
+        row["hf_generate_tok_s"] = hf["tok_s"]
+        row["speedup_vs_hf"] = single["tok_s"] / hf["tok_s"]
+        same = sum(hf["outputs"][i] == single["outputs"][i] for i in range(len(prompts)))
+        row["greedy_outputs_equal_to_hf"] = f"{same}/{len(prompts)}"
+    return row
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from gorgon.models.loader import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.model_id, args.revision)
+    rows = [bench_dtype(ckpt, d.strip(), args) for d in args.dtypes.split(",")]
+    report = {
+        "model": ckpt.model_id,
+        "max_new_tokens": args.max_new_tokens,
+        "prompts": args.prompts,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "results": rows,
+    }
+    _print_table(rows)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    keys = [k for k in rows[0] if k != "dtype"]
+    print(f"{'metric':32s}" + "".join(f"{r['dtype']:>14s}" for r in rows))
+    for k in keys:
+        cells = []
+        for r in rows:
+            v = r.get(k, "")
+            cells.append(f"{v:14.2f}" if isinstance(v, float) else f"{str(v):>14s}")
+        print(f"{k:32s}" + "".join(cells))

@@ -1,0 +1,169 @@
+"""`gorgon` command line: serve | generate | bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from gorgon.config import EngineConfig
+from gorgon.errors import GorgonError
+
+log = logging.getLogger("gorgon")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-id", default=None, help="hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--max-input-length", type=int, default=d.max_input_length)
+    p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens)
+    p.add_argument("--max-batch-prefill-tokens", type=int, default=d.max_batch_prefill_tokens)
+    p.add_argument("--max-batch-total-tokens", type=int, default=d.max_batch_total_tokens)
+    p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
+    p.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences)
+    p.add_argument("--max-best-of", type=int, default=d.max_best_of)
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        max_input_length=args.max_input_length,
+        max_total_tokens=args.max_total_tokens,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        max_batch_total_tokens=args.max_batch_total_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_stop_sequences=args.max_stop_sequences,
+        max_best_of=args.max_best_of,
+    )
+
+
+def _load_engine(args: argparse.Namespace):
+    from gorgon.engine.engine import AsyncEngine
+
+    return AsyncEngine.from_pretrained(
+        args.model_id,
+        dtype=args.dtype,
+        device=args.device,
+        engine_config=_engine_config(args),
+        revision=args.revision,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gorgon.server.app import create_app
+
+    if args.adapter_id or args.speculative_tokens:
+        raise SystemExit("Speculative decoding (--adapter-id / --speculative-tokens) is not available yet.")
+    engine = _load_engine(args)
+    engine.start()
+    app = create_app(engine)
+    log.info("serving %s on http://%s:%d", engine.model_id, args.hostname, args.port)
+    try:
+        uvicorn.run(app, host=args.hostname, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams, TokenOutput
+
+    engine = _load_engine(args)
+    tok = engine.tokenizer
+    if args.raw:
+        ids = tok(args.prompt)["input_ids"]
+    else:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    request = GenerationRequest(
+        prompt_ids=list(ids),
+        sampling=SamplingParams(
+            do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed
+        ),
+        stopping=StoppingParams(max_new_tokens=args.max_new_tokens),
+    )
+    engine.start()
+
+    async def run() -> None:
+        async for out in engine.generate(request):
+            if isinstance(out, TokenOutput):
+                if not out.special:
+                    sys.stdout.write(out.text)
+                    sys.stdout.flush()
+            elif isinstance(out, FinalOutput):
+                sys.stdout.write("\n")
+                log.info("%d tokens, finish reason %s", out.generated_tokens, out.finish_reason)
+            else:
+                raise SystemExit(out.message)
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gorgon.bench.run import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gorgon", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the LoRAX-compatible HTTP server")
+    _add_model_args(serve)
+    _add_limit_args(serve)
+    serve.add_argument("--hostname", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--adapter-id", default=None, help="default adapter (Medusa); coming with speculation")
+    serve.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
+    serve.add_argument("--speculative-tokens", type=int, default=0)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate from one prompt in-process")
+    gen.add_argument("prompt")
+    _add_model_args(gen)
+    _add_limit_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="tokens/s of the engine against HF transformers")
+    _add_model_args(bench)
+    bench.add_argument("--dtypes", default="bfloat16,float32")
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--concurrency", type=int, default=8)
+    bench.add_argument("--prompts", type=int, default=8, help="number of chat prompts")
+    bench.add_argument("--output", default="bench-results/bench.json")
+    bench.add_argument("--skip-hf", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, GorgonError) as exc:  # configuration errors: one clear sentence, no traceback
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The async face of the engine: requests come in from the server's event loop, a background thread steps
+the `LLMEngine`, and each request's outputs flow back through its own asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from gorgon.config import EngineConfig
+from gorgon.engine.llm_engine import LLMEngine, Output
+from gorgon.engine.request import ErrorOutput, FinalOutput, GenerationRequest
+from gorgon.errors import OverloadedError
+from gorgon.models.factory import build_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    queue_length: int
+    running: int
+    batch_size: int
+    generated_tokens: int
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, model_id: str) -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self.config: EngineConfig = engine.config
+        self.tokenizer = engine.tokenizer
+        self.dtype, self.device = engine.dtype, engine.device
+        self.eos_token_ids = engine.eos_token_ids
+        self._inbox: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._ids = itertools.count()
+        self._in_flight = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._fatal: BaseException | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str | None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        engine_config: EngineConfig | None = None,
+        revision: str | None = None,
+    ) -> "AsyncEngine":
+        from gorgon.models.loader import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(model_id, revision)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        t0 = time.perf_counter()
+        model = build_model(ckpt, dt, dev)
+        log.info("loaded %s (%s, %s) in %.1fs", ckpt.model_id, dt, dev, time.perf_counter() - t0)
+        config = engine_config or EngineConfig()
+        eos = set(ckpt.config.eos_token_ids)
+        if ckpt.tokenizer.eos_token_id is not None:
+            eos.add(ckpt.tokenizer.eos_token_id)
+        llm = LLMEngine(model, ckpt.tokenizer, config, dt, dev, eos)
+        return cls(llm, ckpt.model_id)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gorgon-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._fatal is None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            queue_length=self.engine.num_waiting,
+            running=self.engine.num_running,
+            batch_size=self.engine.last_batch_size,
+            generated_tokens=self.engine.generated_tokens,
+        )
+
+    # --- requests ------------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Output]:
+        if self._in_flight >= self.config.max_concurrent_requests:
+            raise OverloadedError()
+        self._in_flight += 1
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
+        seq_id = next(self._ids)
+        finished = False
+        try:
+            self._post(("add", seq_id, request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+            while True:
+                out = await outputs.get()
+                yield out
+                if isinstance(out, (FinalOutput, ErrorOutput)):
+                    finished = True
+                    return
+        finally:
+            self._in_flight -= 1
+            if not finished:  # the consumer went away (client disconnect): free the slot and its KV
+                self._post(("abort", seq_id))
+
+    def _post(self, item: tuple) -> None:
+        self._inbox.put(item)
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "add":
+                _, seq_id, request, sink = item
+                self.engine.add_request(request, sink, seq_id=seq_id)
+            else:
+                self.engine.abort(item[1])
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self.engine.step()
+        except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
+            self._fatal = exc
+            log.exception("engine loop died")
+            self.engine.fail_all(f"engine failure: {exc}")

@@ -1,0 +1,150 @@
+// Batch-invariant linear layers for x86 CPUs with AVX-512 (and AVX512-BF16 for bfloat16).
+//
+// y[m][n] = sum_k x[m][k] * w[n][k] + bias[n]
+//
+// Every output element is computed by the same instruction sequence, whatever M, N, the tiling or the thread
+// split: K is walked in fixed chunks (32 bf16 / 16 fp32 lanes) accumulating into one 16-lane float32 vector,
+// the lanes are summed by _mm512_reduce_add_ps (a fixed shuffle tree), then the bias is added and the result
+// rounded once. So a row's result never depends on how many rows are computed with it: the property that
+// makes a request's output independent of its batch and of speculation. The weights are streamed once per
+// call for small M (decode), which keeps this memory-bound path close to the machine's bandwidth.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+// Weights are packed once into column tiles of kTileN rows, interleaved by K chunk:
+//   packed[tile][chunk][row in tile][lane]
+// so a tile streams from memory as one sequential run (the hardware prefetcher's best case); K and N are
+// zero-padded to whole chunks and tiles. Zero lanes add exact zeros, so padding changes no result.
+constexpr int kTileN = 8;
+constexpr int kMaxTileM = 2;
+
+template <typename T>
+struct Traits;
+
+// bfloat16: chunks of 32 values; VDPBF16PS accumulates pairs into 16 float32 lanes.
+template <>
+struct Traits<c10::BFloat16> {
+  using raw = uint16_t;
+  static constexpr int kChunk = 32;
+  static inline __m512 madd(__m512 acc, const raw* x, const raw* w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x), (__m512bh)_mm512_loadu_si512(w));
+  }
+  static inline __m512 madd_tail(__m512 acc, const raw* x, const raw* w, int n) {
+    __m512i xv = _mm512_maskz_loadu_epi16((__mmask32)((1ULL << n) - 1), x);
+    return _mm512_dpbf16_ps(acc, (__m512bh)xv, (__m512bh)_mm512_loadu_si512(w));
+  }
+  static inline void store(raw* y, float v) { *y = c10::BFloat16(v).x; }  // round to nearest even
+};
+
+// float32: chunks of 16 values, one FMA per chunk.
+template <>
+struct Traits<float> {
+  using raw = float;
+  static constexpr int kChunk = 16;
+  static inline __m512 madd(__m512 acc, const raw* x, const raw* w) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(w), acc);
+  }
+  static inline __m512 madd_tail(__m512 acc, const raw* x, const raw* w, int n) {
+    return _mm512_fmadd_ps(_mm512_maskz_loadu_ps((__mmask16)((1U << n) - 1), x), _mm512_loadu_ps(w), acc);
+  }
+  static inline void store(raw* y, float v) { *y = v; }
+};
+
+// MB rows of x against one packed tile of kTileN weight rows.
+template <typename T, int MB>
+inline void tile(const typename Traits<T>::raw* x, int64_t K, const typename Traits<T>::raw* wt,
+                 const float* bias, typename Traits<T>::raw* y, int64_t N, int64_t n0) {
+  using Tr = Traits<T>;
+  constexpr int C = Tr::kChunk;
+  __m512 acc[MB][kTileN];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < kTileN; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t full = K / C;
+  for (int64_t c = 0; c < full; ++c) {
+    const auto* wc = wt + c * kTileN * C;
+    _mm_prefetch((const char*)(wc + 8 * kTileN * C), _MM_HINT_T0);
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < kTileN; ++j) acc[i][j] = Tr::madd(acc[i][j], x + i * K + c * C, wc + j * C);
+  }
+  if (const int tail = K - full * C) {
+    const auto* wc = wt + full * kTileN * C;
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < kTileN; ++j) acc[i][j] = Tr::madd_tail(acc[i][j], x + i * K + full * C, wc + j * C, tail);
+  }
+  const int cols = (int)std::min<int64_t>(kTileN, N - n0);
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < cols; ++j) {
+      float v = _mm512_reduce_add_ps(acc[i][j]);  // fixed shuffle tree
+      if (bias) v += bias[n0 + j];
+      Tr::store(y + i * N + n0 + j, v);
+    }
+}
+
+template <typename T>
+torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                          const c10::optional<torch::Tensor>& b) {
+  using raw = typename Traits<T>::raw;
+  constexpr int C = Traits<T>::kChunk;
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t chunks = (K + C - 1) / C, n_tiles = (N + kTileN - 1) / kTileN;
+  TORCH_CHECK(packed.numel() == n_tiles * chunks * kTileN * C, "invariant_linear: packed weight does not fit");
+  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor bias_f;
+  if (b.has_value() && b->defined()) bias_f = b->to(torch::kFloat32).contiguous();
+  const float* bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const raw* xp = reinterpret_cast<const raw*>(x.data_ptr<T>());
+  const raw* wp = reinterpret_cast<const raw*>(packed.data_ptr<T>());
+  raw* yp = reinterpret_cast<raw*>(y.data_ptr<T>());
+  // Each thread takes whole tiles: every weight byte is read once per call, by one thread.
+  at::parallel_for(0, n_tiles, 2, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const raw* wt = wp + t * chunks * kTileN * C;
+      int64_t m = 0;
+      for (; m + kMaxTileM <= M; m += kMaxTileM) tile<T, kMaxTileM>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN);
+      if (m < M) tile<T, 1>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN);
+    }
+  });
+  return y;
+}
+
+template <typename T>
+torch::Tensor pack_impl(const torch::Tensor& w) {
+  constexpr int C = Traits<T>::kChunk;
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t chunks = (K + C - 1) / C, n_tiles = (N + kTileN - 1) / kTileN;
+  auto padded = torch::zeros({n_tiles * kTileN, chunks * C}, w.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+  // (tiles, kTileN, chunks, C) -> (tiles, chunks, kTileN, C)
+  return padded.view({n_tiles, kTileN, chunks, C}).permute({0, 2, 1, 3}).contiguous().view({-1});
+}
+
+}  // namespace
+
+torch::Tensor pack_weight(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2, "pack_weight: expected a 2-D weight");
+  if (w.scalar_type() == torch::kBFloat16) return pack_impl<c10::BFloat16>(w);
+  if (w.scalar_type() == torch::kFloat32) return pack_impl<float>(w);
+  TORCH_CHECK(false, "pack_weight: only bfloat16 and float32");
+}
+
+torch::Tensor invariant_linear(torch::Tensor x, torch::Tensor packed, int64_t N, c10::optional<torch::Tensor> b) {
+  TORCH_CHECK(x.dim() == 2, "invariant_linear: x must be 2-D");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "invariant_linear: dtype mismatch");
+  x = x.contiguous();
+  if (x.scalar_type() == torch::kBFloat16) return linear_impl<c10::BFloat16>(x, packed, N, b);
+  if (x.scalar_type() == torch::kFloat32) return linear_impl<float>(x, packed, N, b);
+  TORCH_CHECK(false, "invariant_linear: only bfloat16 and float32");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_weight", &pack_weight, "pack a [N, K] weight into the kernel's tile layout");
+  m.def("invariant_linear", &invariant_linear, "batch-invariant linear on a packed weight (AVX-512)");
+}

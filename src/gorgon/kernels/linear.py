@@ -1,0 +1,120 @@
+"""Batch-invariant linear layers.
+
+On x86 CPUs with AVX-512 (and AVX512-BF16 for bfloat16) a small C++ kernel (cpu_linear.cpp, compiled once
+with torch's extension builder and cached) computes every output element with one fixed instruction sequence,
+so row results never depend on the row count, and streams the weights once per call (fast decode).
+Elsewhere the BLAS is used, with the row count padded to the multiple at which it was measured row-stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+# -fopenmp: at::parallel_for is header code that only spreads work over threads when built with OpenMP.
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@cache
+def _extension():
+    """The compiled kernel module, or None where the CPU or toolchain cannot have it."""
+    if os.environ.get("GORGON_DISABLE_KERNELS") == "1":
+        return None
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= _cpu_flags():
+        log.info("CPU lacks AVX512-BF16: using the BLAS for linear layers")
+        return None
+    from platformdirs import user_cache_dir
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("GORGON_CACHE_DIR") or user_cache_dir("gorgon"))
+    build_dir = root / "kernels" / f"cpu_linear_{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("loading CPU kernels (first use compiles them, about a minute)")
+    try:
+        return load(
+            name="gorgon_cpu_linear",
+            sources=[str(_SOURCE)],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, old toolchain...: stay correct, just slower
+        log.warning("could not build CPU kernels (%s): using the BLAS for linear layers", exc)
+        return None
+
+
+def kernel_available(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and _extension() is not None
+
+
+def row_multiple(dtype: torch.dtype, device: torch.device) -> int:
+    """Row-count multiple that every linear input must be padded to for row-stable results.
+
+    With the kernel: 1 (stable by construction). Otherwise, measured on CPU with torch 2.13 (oneDNN/MKL):
+    bfloat16 GEMMs are row-stable for even row counts, float32 GEMMs for multiples of 4 (smaller counts take a
+    GEMV path that rounds differently). Other devices get the conservative 4.
+    """
+    if kernel_available(dtype, device):
+        return 1
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return 2
+    return 4
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear over the last dim, through the invariant kernel when a packed weight is given."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    shape = x.shape
+    y = _extension().invariant_linear(x.reshape(-1, shape[-1]), packed, weight.shape[0], bias)
+    return y.view(*shape[:-1], weight.shape[0])
+
+
+class InvariantLinear(torch.nn.Linear):
+    """nn.Linear whose inference path runs the batch-invariant kernel; under autograd it is plain F.linear.
+
+    The packed copy of the weight is made on first use and remade if the weight is changed in place.
+    """
+
+    _packed: torch.Tensor | None = None
+    _packed_key: tuple = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (torch.is_grad_enabled() and w.requires_grad) or not kernel_available(w.dtype, w.device):
+            return F.linear(x, w, self.bias)
+        key = (w.data_ptr(), w.dtype, _version(w))
+        if self._packed is None or self._packed_key != key:
+            self._packed = _extension().pack_weight(w.detach())
+            self._packed_key = key
+        return linear(x, w, self.bias, self._packed)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place later)
+        return -1
