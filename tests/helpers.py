@@ -9,13 +9,13 @@ from gorgon.config import ModelConfig
 from gorgon.models.llama import LlamaModel
 
 FAMILIES = {
-    "llama": dict(model_type="llama", cls="LlamaConfig"),
-    "mistral": dict(model_type="mistral", cls="MistralConfig", sliding_window=12),
-    "qwen2": dict(model_type="qwen2", cls="Qwen2Config"),
-    "llama3-rope": dict(
-        model_type="llama",
-        cls="LlamaConfig",
-        rope_parameters={
+    "llama": {"model_type": "llama", "cls": "LlamaConfig"},
+    "mistral": {"model_type": "mistral", "cls": "MistralConfig", "sliding_window": 12},
+    "qwen2": {"model_type": "qwen2", "cls": "Qwen2Config"},
+    "llama3-rope": {
+        "model_type": "llama",
+        "cls": "LlamaConfig",
+        "rope_parameters": {
             "rope_type": "llama3",
             "rope_theta": 500000.0,
             "factor": 8.0,
@@ -23,18 +23,18 @@ FAMILIES = {
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         },
-    ),
-    "yarn-rope": dict(
-        model_type="qwen2",
-        cls="Qwen2Config",
-        rope_parameters={
+    },
+    "yarn-rope": {
+        "model_type": "qwen2",
+        "cls": "Qwen2Config",
+        "rope_parameters": {
             "rope_type": "yarn",
             "rope_theta": 10000.0,
             "factor": 4.0,
             "original_max_position_embeddings": 64,
         },
-    ),
-    "tied-mha": dict(model_type="llama", cls="LlamaConfig", tie_word_embeddings=True, num_key_value_heads=4),
+    },
+    "tied-mha": {"model_type": "llama", "cls": "LlamaConfig", "tie_word_embeddings": True, "num_key_value_heads": 4},
 }
 
 
@@ -42,19 +42,19 @@ def tiny_hf_config(family: str = "llama", **overrides):
     spec = dict(FAMILIES[family])
     cls = getattr(transformers, spec.pop("cls"))
     spec.pop("model_type")
-    kwargs = dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    kwargs = {
+        "vocab_size": 320,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
     kwargs.update(spec)
     kwargs.update(overrides)
     return cls(**kwargs)

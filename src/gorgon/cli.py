@@ -74,7 +74,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams, TokenOutput
+    from gorgon.engine.request import (
+        FinalOutput,
+        GenerationRequest,
+        SamplingParams,
+        StoppingParams,
+        TokenOutput,
+    )
 
     engine = _load_engine(args)
     tok = engine.tokenizer

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from helpers import gorgon_from_hf, tiny_hf_model
 
 from gorgon.engine.kv_cache import KVCache, SlotAllocator
 from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
 from gorgon.engine.runner import ModelRunner
 from gorgon.engine.scheduler import ScheduledChunk, StepPlan
 from gorgon.engine.sequence import Sequence
-from helpers import gorgon_from_hf, tiny_hf_model
+from gorgon.kernels import linear as linear_kernels
 
 STEPS = 12
 
@@ -60,8 +61,11 @@ def _generate(runner, alloc, prompt, chunk_size, companions):
     return rows
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "blas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_and_chunking_invariance(dtype):
+def test_batch_and_chunking_invariance(dtype, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(linear_kernels, "kernel_available", lambda *a: False)
     model = gorgon_from_hf(tiny_hf_model("llama", max_position_embeddings=2048), dtype)
     cache = KVCache(model.config, 4096, dtype, torch.device("cpu"))
     runner = ModelRunner(model, cache, dtype, torch.device("cpu"))
@@ -69,10 +73,10 @@ def test_batch_and_chunking_invariance(dtype):
     prompt = _prompt(290, 0)
     alone = _generate(runner, alloc, prompt, chunk_size=10_000, companions=[])
     variants = [
-        dict(chunk_size=64, companions=[]),
-        dict(chunk_size=10_000, companions=[_prompt(5, 1)]),
-        dict(chunk_size=100, companions=[_prompt(700, 2), _prompt(33, 3), _prompt(1, 4)]),
-        dict(chunk_size=7, companions=[_prompt(3, 5)] * 6),
+        {"chunk_size": 64, "companions": []},
+        {"chunk_size": 10_000, "companions": [_prompt(5, 1)]},
+        {"chunk_size": 100, "companions": [_prompt(700, 2), _prompt(33, 3), _prompt(1, 4)]},
+        {"chunk_size": 7, "companions": [_prompt(3, 5)] * 6},
     ]
     for v in variants:
         got = _generate(runner, alloc, prompt, **v)

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from helpers import FAMILIES, gorgon_from_hf, tiny_hf_model
 
-from gorgon.config import EngineConfig
 from gorgon.engine.kv_cache import KVCache, SlotAllocator
+from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
 from gorgon.engine.runner import ModelRunner
 from gorgon.engine.scheduler import ScheduledChunk, StepPlan
-from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
 from gorgon.engine.sequence import Sequence
-from helpers import FAMILIES, gorgon_from_hf, tiny_hf_model
 
 
 def _runner(model, slots=2048):

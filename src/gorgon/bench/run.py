@@ -139,5 +139,5 @@ def _print_table(rows: list[dict]) -> None:
         cells = []
         for r in rows:
             v = r.get(k, "")
-            cells.append(f"{v:14.2f}" if isinstance(v, float) else f"{str(v):>14s}")
+            cells.append(f"{v:14.2f}" if isinstance(v, float) else f"{v!s:>14s}")
         print(f"{k:32s}" + "".join(cells))

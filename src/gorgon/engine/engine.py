@@ -56,7 +56,7 @@ class AsyncEngine:
         device: str = "auto",
         engine_config: EngineConfig | None = None,
         revision: str | None = None,
-    ) -> "AsyncEngine":
+    ) -> AsyncEngine:
         from gorgon.models.loader import resolve_checkpoint
 
         ckpt = resolve_checkpoint(model_id, revision)
@@ -145,7 +145,7 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 self.engine.step()
-        except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
+        except BaseException as exc:
             self._fatal = exc
             log.exception("engine loop died")
             self.engine.fail_all(f"engine failure: {exc}")

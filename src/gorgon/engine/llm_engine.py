@@ -151,10 +151,10 @@ class LLMEngine:
         seq.token_ids.append(token)
         self.generated_tokens += 1
         text = live.detok.step(token)
-        out = TokenOutput(token, text, logprob, token in self.special_ids, skipped, alts)
+        reason = self._finish_reason(seq, token, live.detok.text)
+        out = TokenOutput(token, text, logprob, token in self.special_ids, skipped, alts, finish_reason=reason)
         seq.outputs.append(out)
         live.sink(out)
-        reason = self._finish_reason(seq, token, live.detok.text)
         if reason is not None:
             self._finish(seq, reason)
 

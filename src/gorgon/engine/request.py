@@ -54,6 +54,8 @@ class GenerationRequest:
     # Report log-probabilities of the prompt tokens (`decoder_input_details`).
     prefill_logprobs: bool = False
     adapter_id: str | None = None
+    adapter_source: str = "hub"  # hub | local | s3 | pbase
+    api_token: str | None = None  # for private hub adapters; never logged
     request_id: str = ""
 
 
@@ -74,6 +76,9 @@ class TokenOutput:
     special: bool
     skipped: bool = False  # came from accepted speculation (every token after the first of a step)
     alternatives: tuple[Alternative, ...] = ()
+    # Set on the request's last token (a FinalOutput follows at once): lets a stream put the closing
+    # details on this token's event without waiting.
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def _extension():
             build_directory=str(build_dir),
             verbose=False,
         )
-    except Exception as exc:  # no compiler, old toolchain...: stay correct, just slower
+    except Exception as exc:  # noqa: BLE001 - no compiler, old toolchain...: stay correct, just slower
         log.warning("could not build CPU kernels (%s): using the BLAS for linear layers", exc)
         return None
 

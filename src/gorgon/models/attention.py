@@ -48,7 +48,7 @@ class AttentionMetadata:
         write_slots: torch.Tensor,
         heads_per_kv: int,
         sliding_window: int | None,
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         B, Tq = q_index.shape
         pos = q_pos.repeat(1, heads_per_kv).view(B, 1, heads_per_kv * Tq, 1)  # rows ordered (rep, Tq)
         offsets = torch.arange(KV_BLOCK, device=q_pos.device).view(1, 1, 1, KV_BLOCK)

@@ -1,0 +1,175 @@
+"""Server test fixtures: a tiny real tokenizer, a fake engine, an in-process client and a live uvicorn server.
+
+`tiny_tokenizer` is session-scoped and reusable by other test packages (move it to tests/conftest.py to share):
+a byte-level BPE trained here on a few sentences, with BOS/EOS/PAD, offsets and a chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from fake_engine import FakeEngine
+from fastapi.testclient import TestClient
+
+from gorgon.config import EngineConfig
+from gorgon.server.app import create_app
+
+TINY_TOKENIZER_VOCAB_SIZE = 320  # fits tests/helpers.py's tiny models (vocab_size=320)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! How are you today?",
+    "Gorgon serves language models with speculative decoding.",
+    "Once upon a time, there was a tiny model that could.",
+    "The sky is blue because of Rayleigh scattering.",
+    "def main():\n    print('hello')\n",
+    "Héllo wörld, naïve café, 東京.",
+]
+
+# BOS, one block per message, then the assistant header when a reply is wanted.
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(directory):
+    """Train a tiny byte-level BPE tokenizer, save it under `directory`, and return it loaded back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_TOKENIZER_VOCAB_SIZE,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+            ),
+        ]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = _CHAT_TEMPLATE
+    fast.save_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A loaded tiny tokenizer; its files are in `tiny_tokenizer.name_or_path` (copy them next to a model)."""
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+SMALL_CONFIG = EngineConfig(
+    max_input_length=64,
+    max_total_tokens=128,
+    max_batch_total_tokens=1024,
+    max_concurrent_requests=8,
+    max_stop_sequences=3,
+    max_best_of=4,
+)
+
+
+@pytest.fixture
+def fake_engine(tiny_tokenizer) -> FakeEngine:
+    return FakeEngine(tiny_tokenizer, SMALL_CONFIG)
+
+
+@pytest.fixture
+def client(fake_engine) -> Iterator[TestClient]:
+    with TestClient(create_app(fake_engine)) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def serve(app, timeout: float = 20.0) -> Iterator[str]:
+    """Run `app` under uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port before uvicorn starts
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+@pytest.fixture
+def live_url(fake_engine) -> Iterator[str]:
+    with serve(create_app(fake_engine)) as url:
+        yield url
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# Room for long generations (the disconnect tests need requests that would run for many seconds).
+REAL_CONFIG = EngineConfig(
+    max_input_length=256,
+    max_total_tokens=4096,
+    max_batch_total_tokens=16384,
+    max_concurrent_requests=8,
+    max_stop_sequences=4,
+    max_best_of=4,
+)
+
+
+@pytest.fixture(scope="session")
+def real_engine(tmp_path_factory):
+    """The real `AsyncEngine` on a tiny random Llama (float32, CPU) with the tiny tokenizer, started once."""
+    from helpers import tiny_hf_model
+
+    from gorgon.engine.engine import AsyncEngine
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = build_tiny_tokenizer(path)
+    model = tiny_hf_model(
+        "llama",
+        vocab_size=len(tok),
+        max_position_embeddings=REAL_CONFIG.max_total_tokens,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(str(path))
+    engine = AsyncEngine.from_pretrained(str(path), dtype="float32", device="cpu", engine_config=REAL_CONFIG)
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def real_url(real_engine) -> Iterator[str]:
+    with serve(create_app(real_engine)) as url:
+        yield url
