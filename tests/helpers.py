@@ -34,7 +34,12 @@ FAMILIES = {
             "original_max_position_embeddings": 64,
         },
     },
-    "tied-mha": {"model_type": "llama", "cls": "LlamaConfig", "tie_word_embeddings": True, "num_key_value_heads": 4},
+    "tied-mha": {
+        "model_type": "llama",
+        "cls": "LlamaConfig",
+        "tie_word_embeddings": True,
+        "num_key_value_heads": 4,
+    },
 }
 
 

@@ -14,7 +14,11 @@ log = logging.getLogger("gorgon")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-id", default=None, help="hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model-id",
+        default=None,
+        help="hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--revision", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -87,12 +91,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.raw:
         ids = tok(args.prompt)["input_ids"]
     else:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     request = GenerationRequest(
         prompt_ids=list(ids),
         sampling=SamplingParams(
-            do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed
+            do_sample=args.temperature > 0,
+            temperature=args.temperature or 1.0,
+            top_p=args.top_p,
+            seed=args.seed,
         ),
         stopping=StoppingParams(max_new_tokens=args.max_new_tokens),
     )

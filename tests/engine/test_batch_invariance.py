@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import gorgon_from_hf, tiny_hf_model
 
+from gorgon.engine import runner as runner_module
 from gorgon.engine.kv_cache import KVCache, SlotAllocator
 from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
 from gorgon.engine.runner import ModelRunner
@@ -64,8 +65,9 @@ def _generate(runner, alloc, prompt, chunk_size, companions):
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "blas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_and_chunking_invariance(dtype, kernel, monkeypatch):
-    if not kernel:
+    if not kernel:  # the PyTorch fallbacks must be just as invariant
         monkeypatch.setattr(linear_kernels, "kernel_available", lambda *a: False)
+        monkeypatch.setattr(runner_module, "attention_kernel_available", lambda *a: False)
     model = gorgon_from_hf(tiny_hf_model("llama", max_position_embeddings=2048), dtype)
     cache = KVCache(model.config, 4096, dtype, torch.device("cpu"))
     runner = ModelRunner(model, cache, dtype, torch.device("cpu"))

@@ -32,9 +32,13 @@ def test_prefill_logits_match_hf(family):
     prompts = [torch.randint(3, 320, (n,)).tolist() for n in (37, 5, 300)]
     seqs = [_seq(p, alloc) for p in prompts]
     # Two chunks for the long prompt, to exercise chunked prefill across KV blocks.
-    plan1 = StepPlan([ScheduledChunk(seqs[0], 0, prompts[0], True, True),
-                      ScheduledChunk(seqs[1], 0, prompts[1], True, True),
-                      ScheduledChunk(seqs[2], 0, prompts[2][:270], True, False)])
+    plan1 = StepPlan(
+        [
+            ScheduledChunk(seqs[0], 0, prompts[0], True, True),
+            ScheduledChunk(seqs[1], 0, prompts[1], True, True),
+            ScheduledChunk(seqs[2], 0, prompts[2][:270], True, False),
+        ]
+    )
     plan2 = StepPlan([ScheduledChunk(seqs[2], 270, prompts[2][270:], True, True)])
     out1 = runner.run(plan1)
     out2 = runner.run(plan2)
@@ -61,6 +65,7 @@ def test_greedy_decode_matches_hf_generate(family):
         pos = len(seq.token_ids) - 1
         logits = runner.run(StepPlan([ScheduledChunk(seq, pos, [tok], False, True)]))[0]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)[0, 20:].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, 20:].tolist()
     assert tokens == ref

@@ -267,9 +267,7 @@ def run_events(items, v) -> list[dict]:
 
     async def collect():
         stream = EngineStream(outputs(), items[0])
-        return [
-            json.loads(e[len("data:") :]) async for e in lorax_events(stream, v, ServerMetrics(None))
-        ]
+        return [json.loads(e[len("data:") :]) async for e in lorax_events(stream, v, ServerMetrics(None))]
 
     return asyncio.run(collect())
 

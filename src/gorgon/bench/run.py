@@ -31,7 +31,9 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 
 def _request(ids: list[int], max_new: int) -> GenerationRequest:
     # ignore_eos: every run generates exactly max_new tokens, so engines are compared on equal work.
-    return GenerationRequest(ids, SamplingParams(), StoppingParams(max_new_tokens=max_new, ignore_eos_token=True))
+    return GenerationRequest(
+        ids, SamplingParams(), StoppingParams(max_new_tokens=max_new, ignore_eos_token=True)
+    )
 
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], max_new: int, concurrency: int) -> dict:

@@ -107,7 +107,9 @@ class AsyncEngine:
         seq_id = next(self._ids)
         finished = False
         try:
-            self._post(("add", seq_id, request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+            self._post(
+                ("add", seq_id, request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+            )
             while True:
                 out = await outputs.get()
                 yield out

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from gorgon.config import ModelConfig
-
-SCRATCH_SLOT = 0
+from gorgon.models.attention import SCRATCH_SLOT
 
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -152,7 +152,9 @@ class LLMEngine:
         self.generated_tokens += 1
         text = live.detok.step(token)
         reason = self._finish_reason(seq, token, live.detok.text)
-        out = TokenOutput(token, text, logprob, token in self.special_ids, skipped, alts, finish_reason=reason)
+        out = TokenOutput(
+            token, text, logprob, token in self.special_ids, skipped, alts, finish_reason=reason
+        )
         seq.outputs.append(out)
         live.sink(out)
         if reason is not None:

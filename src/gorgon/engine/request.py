@@ -30,9 +30,7 @@ class SamplingParams:
     @property
     def needs_history(self) -> bool:
         """Whether the logits processors look at earlier tokens (penalties)."""
-        return (
-            self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-        )
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import torch
 from gorgon.engine.kv_cache import SCRATCH_SLOT, KVCache
 from gorgon.engine.scheduler import StepPlan
 from gorgon.kernels.linear import row_multiple
-from gorgon.models.attention import KV_BLOCK, QUERY_ROW_MULTIPLE, AttentionMetadata
+from gorgon.models.attention import AttentionMetadata
+from gorgon.models.attention import kernel_available as attention_kernel_available
 from gorgon.models.llama import LlamaModel
 
 
@@ -21,6 +22,7 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.rows = row_multiple(dtype, device)
+        self.attention_kernel = attention_kernel_available(cache.layers[0][0].dtype, device)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> list[torch.Tensor]:
@@ -41,7 +43,7 @@ class ModelRunner:
 
         total = _round_up(row, self.rows)
         pad = total - row
-        meta = self._metadata(q_index, q_pos, seq_slots, write_slots + [SCRATCH_SLOT] * pad, total)
+        meta = self._metadata(q_index, q_pos, seq_slots, write_slots + [SCRATCH_SLOT] * pad)
         dev = self.device
         input_ids = torch.tensor(ids + [0] * pad, dtype=torch.long, device=dev)
         pos = torch.tensor(positions + [0] * pad, dtype=torch.long, device=dev)
@@ -53,20 +55,15 @@ class ModelRunner:
         logits = self.model.logits(hidden[torch.tensor(padded_rows, device=dev)])[:n_logits]
         return list(logits.split([len(r) for r in logit_rows]))
 
-    def _metadata(self, q_index, q_pos, seq_slots, write_slots, total_rows) -> AttentionMetadata:
-        tq = _round_up(max(len(r) for r in q_index), QUERY_ROW_MULTIPLE)
-        ctx = _round_up(max(len(s) for s in seq_slots), KV_BLOCK)
-        dev = self.device
-        pad_row = total_rows  # attention's zero row
-        qi = torch.tensor([r + [pad_row] * (tq - len(r)) for r in q_index], dtype=torch.long, device=dev)
-        qp = torch.tensor([p + [-1] * (tq - len(p)) for p in q_pos], dtype=torch.long, device=dev)
-        kv = torch.tensor([s + [SCRATCH_SLOT] * (ctx - len(s)) for s in seq_slots], dtype=torch.long, device=dev)
+    def _metadata(self, q_index, q_pos, seq_slots, write_slots) -> AttentionMetadata:
         cfg = self.model.config
         return AttentionMetadata.build(
-            qi,
-            qp,
-            kv,
-            torch.tensor(write_slots, dtype=torch.long, device=dev),
+            q_index,
+            q_pos,
+            seq_slots,
+            write_slots,
             heads_per_kv=cfg.num_heads // cfg.num_kv_heads,
             sliding_window=cfg.sliding_window,
+            use_kernel=self.attention_kernel,
+            device=self.device,
         )

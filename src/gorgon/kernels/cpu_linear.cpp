@@ -144,7 +144,3 @@ torch::Tensor invariant_linear(torch::Tensor x, torch::Tensor packed, int64_t N,
   TORCH_CHECK(false, "invariant_linear: only bfloat16 and float32");
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_weight", &pack_weight, "pack a [N, K] weight into the kernel's tile layout");
-  m.def("invariant_linear", &invariant_linear, "batch-invariant linear on a packed weight (AVX-512)");
-}

@@ -8,60 +8,10 @@ Elsewhere the BLAS is used, with the row count padded to the multiple at which i
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-from functools import cache
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("cpu_linear.cpp")
-# -fopenmp: at::parallel_for is header code that only spreads work over threads when built with OpenMP.
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-@cache
-def _extension():
-    """The compiled kernel module, or None where the CPU or toolchain cannot have it."""
-    if os.environ.get("GORGON_DISABLE_KERNELS") == "1":
-        return None
-    if not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= _cpu_flags():
-        log.info("CPU lacks AVX512-BF16: using the BLAS for linear layers")
-        return None
-    from platformdirs import user_cache_dir
-    from torch.utils.cpp_extension import load
-
-    digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    root = Path(os.environ.get("GORGON_CACHE_DIR") or user_cache_dir("gorgon"))
-    build_dir = root / "kernels" / f"cpu_linear_{digest}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    log.info("loading CPU kernels (first use compiles them, about a minute)")
-    try:
-        return load(
-            name="gorgon_cpu_linear",
-            sources=[str(_SOURCE)],
-            extra_cflags=_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
-    except Exception as exc:  # noqa: BLE001 - no compiler, old toolchain...: stay correct, just slower
-        log.warning("could not build CPU kernels (%s): using the BLAS for linear layers", exc)
-        return None
+from gorgon.kernels.build import cpu_extension as _extension
 
 
 def kernel_available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -83,7 +33,10 @@ def row_multiple(dtype: torch.dtype, device: torch.device) -> int:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear over the last dim, through the invariant kernel when a packed weight is given."""
     if packed is None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gorgon.kernels.build import cpu_extension
+
 KV_BLOCK = 256
 # Query rows per sequence are padded to a multiple of this, so every score matmul runs with a row count the
 # BLAS treats alike (measured: float32 GEMM rows are bitwise stable only for row counts that are multiples of 4).
@@ -22,14 +24,13 @@ QUERY_ROW_MULTIPLE = 4
 
 
 @dataclass
-class AttentionMetadata:
-    """Tensors the runner builds once per step; shared by all layers.
+class BlockedLayout:
+    """The PyTorch path's view of a step: B sequences, each with Tq query rows (padded to
+    QUERY_ROW_MULTIPLE).
 
-    B sequences, each with Tq query rows (padded to QUERY_ROW_MULTIPLE):
       q_index     [B*Tq]  flat token row of each query row; padding points at row T (a zero row)
       kv_slots    [nb][B*KV_BLOCK]  per block, the slot of each logical position; padding slots are 0
       block_masks [nb][B, 1, rep*Tq, KV_BLOCK]  True where a key is hidden from a query row
-      write_slots [T]  where each flat row's key/value is stored (slot 0 is a scratch slot)
     """
 
     num_seqs: int
@@ -37,30 +38,87 @@ class AttentionMetadata:
     q_index: torch.Tensor
     kv_slots: list[torch.Tensor]
     block_masks: list[torch.Tensor]
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to know about a step, built once by the runner and shared by all layers.
+
+      row_seq     [T]  sequence of each flat token row (-1: padding row)
+      row_pos     [T]  logical position of each row
+      slot_table  [B, C]  slot of each logical position of each sequence (C a multiple of KV_BLOCK)
+      write_slots [T]  where each row's key/value is stored (slot 0 is a scratch slot)
+    Exactly one of `row_seq` (kernel path) or `blocked` (PyTorch path) is used by `paged_attention`.
+    """
+
+    row_seq: torch.Tensor
+    row_pos: torch.Tensor
+    slot_table: torch.Tensor
     write_slots: torch.Tensor
+    sliding_window: int | None
+    use_kernel: bool
+    blocked: BlockedLayout | None = None
 
     @classmethod
     def build(
         cls,
-        q_index: torch.Tensor,  # [B, Tq]
-        q_pos: torch.Tensor,  # [B, Tq], -1 for padding rows
-        kv_slots: torch.Tensor,  # [B, nb*KV_BLOCK]
-        write_slots: torch.Tensor,
+        seq_rows: list[list[int]],  # per sequence, its flat token rows
+        seq_pos: list[list[int]],  # per sequence, the positions of those rows
+        seq_slots: list[list[int]],  # per sequence, the slots of positions 0..end-1
+        write_slots: list[int],  # per flat row (padding rows included)
         heads_per_kv: int,
         sliding_window: int | None,
+        use_kernel: bool,
+        device: torch.device,
     ) -> AttentionMetadata:
-        B, Tq = q_index.shape
-        pos = q_pos.repeat(1, heads_per_kv).view(B, 1, heads_per_kv * Tq, 1)  # rows ordered (rep, Tq)
-        offsets = torch.arange(KV_BLOCK, device=q_pos.device).view(1, 1, 1, KV_BLOCK)
-        masks, slots = [], []
-        for j in range(kv_slots.shape[1] // KV_BLOCK):
-            k_pos = offsets + j * KV_BLOCK
-            hidden = k_pos > pos
-            if sliding_window is not None:
-                hidden = hidden | (k_pos <= pos - sliding_window)
-            masks.append(hidden)
-            slots.append(kv_slots[:, j * KV_BLOCK : (j + 1) * KV_BLOCK].reshape(-1))
-        return cls(B, Tq, q_index.reshape(-1), slots, masks, write_slots)
+        T = len(write_slots)
+        ctx = _round_up(max(len(s) for s in seq_slots), KV_BLOCK)
+        row_seq, row_pos = [-1] * T, [-1] * T
+        for b, (rows, pos) in enumerate(zip(seq_rows, seq_pos)):
+            for r, p in zip(rows, pos):
+                row_seq[r], row_pos[r] = b, p
+        table = torch.tensor(
+            [s + [SCRATCH_SLOT] * (ctx - len(s)) for s in seq_slots], dtype=torch.long, device=device
+        )
+        meta = cls(
+            row_seq=torch.tensor(row_seq, dtype=torch.long, device=device),
+            row_pos=torch.tensor(row_pos, dtype=torch.long, device=device),
+            slot_table=table,
+            write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
+            sliding_window=sliding_window,
+            use_kernel=use_kernel,
+        )
+        if not use_kernel:
+            meta.blocked = _blocked_layout(seq_rows, seq_pos, table, T, heads_per_kv, sliding_window)
+        return meta
+
+
+SCRATCH_SLOT = 0
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _blocked_layout(seq_rows, seq_pos, table, total_rows, heads_per_kv, sliding_window) -> BlockedLayout:
+    device = table.device
+    tq = _round_up(max(len(r) for r in seq_rows), QUERY_ROW_MULTIPLE)
+    q_index = torch.tensor(
+        [r + [total_rows] * (tq - len(r)) for r in seq_rows], dtype=torch.long, device=device
+    )
+    q_pos = torch.tensor([p + [-1] * (tq - len(p)) for p in seq_pos], dtype=torch.long, device=device)
+    B = len(seq_rows)
+    pos = q_pos.repeat(1, heads_per_kv).view(B, 1, heads_per_kv * tq, 1)  # rows ordered (rep, Tq)
+    offsets = torch.arange(KV_BLOCK, device=device).view(1, 1, 1, KV_BLOCK)
+    masks, slots = [], []
+    for j in range(table.shape[1] // KV_BLOCK):
+        k_pos = offsets + j * KV_BLOCK
+        hidden = k_pos > pos
+        if sliding_window is not None:
+            hidden = hidden | (k_pos <= pos - sliding_window)
+        masks.append(hidden)
+        slots.append(table[:, j * KV_BLOCK : (j + 1) * KV_BLOCK].reshape(-1))
+    return BlockedLayout(B, tq, q_index.reshape(-1), slots, masks)
 
 
 def paged_attention(
@@ -70,6 +128,21 @@ def paged_attention(
     meta: AttentionMetadata,
 ) -> torch.Tensor:
     """Returns [T, n_heads, d] float32."""
+    _T, _n_heads, d = q.shape
+    if meta.use_kernel:
+        window = meta.sliding_window or 0
+        return cpu_extension().paged_attention(
+            q.float(), k_cache, v_cache, meta.row_seq, meta.row_pos, meta.slot_table, window, d**-0.5
+        )
+    return _blocked_attention(q, k_cache, v_cache, meta.blocked)
+
+
+def kernel_available(kv_dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and kv_dtype == torch.float32 and cpu_extension() is not None
+
+
+def _blocked_attention(q, k_cache, v_cache, meta: BlockedLayout) -> torch.Tensor:
+    """The PyTorch path: every sequence's rows against fixed blocks of keys, merged in block order."""
     T, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
     rep = n_heads // n_kv

@@ -123,14 +123,19 @@ class LlamaModel(nn.Module):
             if name not in own:
                 raise ValueError(f"Unexpected weight {name!r} in checkpoint")
             if own[name].shape != tensor.shape:
-                raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+                raise ValueError(
+                    f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
+                )
             own[name].copy_(tensor)
         missing = set(own) - set(fused) - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
         if missing:
             raise ValueError(f"Checkpoint lacks weights: {', '.join(sorted(missing)[:5])}")
 
 
-_FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+_FUSED = {
+    "self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "mlp": ("gate_up_proj", ("gate_proj", "up_proj")),
+}
 
 
 def _fuse_hf_names(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:

@@ -101,7 +101,9 @@ def build_response(v: ValidatedRequest, best: Completion, others: list[Completio
     return s.GenerateResponse(generated_text=generated_text(v, f), details=details)
 
 
-async def lorax_events(stream: EngineStream, v: ValidatedRequest, metrics: ServerMetrics) -> AsyncIterator[bytes]:
+async def lorax_events(
+    stream: EngineStream, v: ValidatedRequest, metrics: ServerMetrics
+) -> AsyncIterator[bytes]:
     """One event per token; the last token's event also carries the text and the details.
 
     The engine marks the last token (`finish_reason`) and sends the final output right after it: that token

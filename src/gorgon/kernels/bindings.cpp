@@ -1,0 +1,13 @@
+// Python bindings of Gorgon's CPU kernels (one extension module).
+#include <torch/extension.h>
+
+torch::Tensor pack_weight(torch::Tensor w);
+torch::Tensor invariant_linear(torch::Tensor x, torch::Tensor packed, int64_t N, c10::optional<torch::Tensor> b);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor row_seq,
+                              torch::Tensor row_pos, torch::Tensor slot_table, int64_t window, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_weight", &pack_weight, "pack a [N, K] weight into the linear kernel's tile layout");
+  m.def("invariant_linear", &invariant_linear, "batch-invariant linear on a packed weight (AVX-512)");
+  m.def("paged_attention", &paged_attention, "batch-invariant paged attention, float32 (AVX-512)");
+}

@@ -1,0 +1,62 @@
+"""Builds Gorgon's CPU kernels once (torch's C++ extension builder) and caches them per source and torch
+version. Where the CPU lacks AVX-512 with BF16, or no compiler works, callers fall back to PyTorch ops."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).parent
+SOURCES = [_HERE / "cpu_linear.cpp", _HERE / "cpu_attention.cpp", _HERE / "bindings.cpp"]
+# -fopenmp: at::parallel_for is header code that only spreads work over threads when built with OpenMP.
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@cache
+def cpu_extension():
+    """The compiled kernel module, or None where the CPU or toolchain cannot have it."""
+    if os.environ.get("GORGON_DISABLE_KERNELS") == "1":
+        return None
+    if not REQUIRED_CPU_FLAGS <= cpu_flags():
+        log.info("CPU lacks AVX-512 BF16: using PyTorch ops instead of Gorgon's CPU kernels")
+        return None
+    from platformdirs import user_cache_dir
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+    ).hexdigest()
+    root = Path(os.environ.get("GORGON_CACHE_DIR") or user_cache_dir("gorgon"))
+    build_dir = root / "kernels" / f"cpu_{digest[:12]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("loading CPU kernels (the first use compiles them, about a minute)")
+    try:
+        return load(
+            name="gorgon_cpu_kernels",
+            sources=[str(p) for p in SOURCES],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - no compiler, old toolchain...: stay correct, just slower
+        log.warning("could not build CPU kernels (%s): using PyTorch ops", exc)
+        return None
