@@ -82,3 +82,52 @@ def gorgon_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> LlamaModel:
     model = LlamaModel(cfg)
     model.load_hf_state_dict(hf_model.state_dict())
     return model.to(dtype).eval()
+
+
+TINY_TOKENIZER_VOCAB_SIZE = 320  # fits tests/helpers.py's tiny models (vocab_size=320)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! How are you today?",
+    "Gorgon serves language models with speculative decoding.",
+    "Once upon a time, there was a tiny model that could.",
+    "The sky is blue because of Rayleigh scattering.",
+    "def main():\n    print('hello')\n",
+    "Héllo wörld, naïve café, 東京.",
+]
+
+# BOS, one block per message, then the assistant header when a reply is wanted.
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(directory):
+    """Train a tiny byte-level BPE tokenizer, save it under `directory`, and return it loaded back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_TOKENIZER_VOCAB_SIZE,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+            ),
+        ]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = _CHAT_TEMPLATE
+    fast.save_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory))

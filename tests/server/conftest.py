@@ -1,8 +1,5 @@
-"""Server test fixtures: a tiny real tokenizer, a fake engine, an in-process client and a live uvicorn server.
-
-`tiny_tokenizer` is session-scoped and reusable by other test packages (move it to tests/conftest.py to share):
-a byte-level BPE trained here on a few sentences, with BOS/EOS/PAD, offsets and a chat template.
-"""
+"""Server test fixtures: a fake engine, an in-process client and a live uvicorn server (the tiny tokenizer
+comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,64 +13,10 @@ import pytest
 import uvicorn
 from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
+from helpers import build_tiny_tokenizer
 
 from gorgon.config import EngineConfig
 from gorgon.server.app import create_app
-
-TINY_TOKENIZER_VOCAB_SIZE = 320  # fits tests/helpers.py's tiny models (vocab_size=320)
-
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello world! How are you today?",
-    "Gorgon serves language models with speculative decoding.",
-    "Once upon a time, there was a tiny model that could.",
-    "The sky is blue because of Rayleigh scattering.",
-    "def main():\n    print('hello')\n",
-    "Héllo wörld, naïve café, 東京.",
-]
-
-# BOS, one block per message, then the assistant header when a reply is wanted.
-_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-def build_tiny_tokenizer(directory):
-    """Train a tiny byte-level BPE tokenizer, save it under `directory`, and return it loaded back."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_TOKENIZER_VOCAB_SIZE,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-            ),
-        ]
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = _CHAT_TEMPLATE
-    fast.save_pretrained(str(directory))
-    return AutoTokenizer.from_pretrained(str(directory))
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
-    """A loaded tiny tokenizer; its files are in `tiny_tokenizer.name_or_path` (copy them next to a model)."""
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
-
 
 SMALL_CONFIG = EngineConfig(
     max_input_length=64,
