@@ -118,7 +118,8 @@ class EngineConfig:
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
     max_best_of: int = 2
-    # Row-count padding of every matmul, so that one kernel path runs whatever the batch (batch invariance).
+    # A request's tokens do not depend on its batch (invariant kernels, or BLAS with padded row counts).
+    # False only to measure what that costs: plain BLAS calls, no padding.
     batch_invariant: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -222,3 +222,18 @@ def test_failed_step_fails_its_requests_not_the_engine(hf_model, tiny_tokenizer,
     monkeypatch.setattr(engine.runner, "run", real_run)
     (ok,) = run(engine, [request(prompts(1)[0], max_new=4)])
     assert final(ok).generated_tokens == 4
+
+
+def test_plain_blas_mode_still_matches_hf(hf_model, tiny_tokenizer):
+    """batch_invariant=False (used by `gorgon bench` to price invariance) is still a correct engine."""
+    config = EngineConfig(
+        max_input_length=200, max_total_tokens=400, max_batch_total_tokens=4000, batch_invariant=False
+    )
+    engine = make_engine(hf_model, tiny_tokenizer, config=config)
+    p = prompts(1, seed=10)[0]
+    (outs,) = run(engine, [request(p, max_new=12)])
+    with torch.no_grad():
+        ref = hf_model.generate(
+            torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert [t.id for t in final(outs).tokens] == ref[0, len(p) :].tolist()

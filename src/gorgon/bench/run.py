@@ -88,13 +88,21 @@ def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], max_new: in
 def bench_dtype(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(dtype_name, device)
-    model = build_model(ckpt, dtype, device)
     eos = set(ckpt.config.eos_token_ids)
-    engine = LLMEngine(model, ckpt.tokenizer, EngineConfig(), dtype, device, eos)
     prompts = [chat_ids(ckpt.tokenizer, p) for p in CHAT_PROMPTS[: args.prompts]]
-    run_engine(engine, prompts[:1], 8, 1)  # warm-up
-    single = run_engine(engine, prompts, args.max_new_tokens, 1)
-    batch = run_engine(engine, prompts, args.max_new_tokens, args.concurrency)
+
+    def engine(batch_invariant: bool) -> LLMEngine:
+        model = build_model(ckpt, dtype, device)
+        config = EngineConfig(batch_invariant=batch_invariant)
+        llm = LLMEngine(model, ckpt.tokenizer, config, dtype, device, eos)
+        run_engine(llm, prompts[:1], 8, 1)  # warm-up (packs weights, compiles nothing)
+        return llm
+
+    invariant = engine(True)
+    single = run_engine(invariant, prompts, args.max_new_tokens, 1)
+    batch = run_engine(invariant, prompts, args.max_new_tokens, args.concurrency)
+    del invariant
+    plain = run_engine(engine(False), prompts, args.max_new_tokens, 1)
     row = {
         "dtype": dtype_name,
         "gorgon_single_tok_s": single["tok_s"],
@@ -102,6 +110,9 @@ def bench_dtype(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
         "concurrency_gain": batch["tok_s"] / single["tok_s"],
         # Batch invariance, end to end: the same greedy tokens alone and in a batch.
         "batch_invariant_outputs": single["outputs"] == batch["outputs"],
+        # What invariance costs: the same engine on plain BLAS calls without padding (not invariant).
+        "plain_blas_single_tok_s": plain["tok_s"],
+        "invariant_vs_plain_blas": single["tok_s"] / plain["tok_s"],
     }
     if not args.skip_hf:
         hf = run_hf(ckpt.path, dtype, prompts, args.max_new_tokens)

@@ -62,7 +62,7 @@ class LLMEngine:
         cfg: ModelConfig = model.config
         self.cache = KVCache(cfg, config.max_batch_total_tokens, kv_cache_dtype(dtype, device), device)
         self.scheduler = Scheduler(config, SlotAllocator(config.max_batch_total_tokens))
-        self.runner = ModelRunner(model, self.cache, dtype, device)
+        self.runner = ModelRunner(model, self.cache, dtype, device, config.batch_invariant)
         self._live: dict[int, _Live] = {}
         self.generated_tokens = 0
         self.last_batch_size = 0

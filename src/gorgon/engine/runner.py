@@ -6,7 +6,7 @@ import torch
 
 from gorgon.engine.kv_cache import SCRATCH_SLOT, KVCache
 from gorgon.engine.scheduler import StepPlan
-from gorgon.kernels.linear import row_multiple
+from gorgon.kernels.linear import InvariantLinear, row_multiple
 from gorgon.models.attention import AttentionMetadata
 from gorgon.models.attention import kernel_available as attention_kernel_available
 from gorgon.models.llama import LlamaModel
@@ -17,12 +17,23 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        cache: KVCache,
+        dtype: torch.dtype,
+        device: torch.device,
+        batch_invariant: bool = True,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
-        self.rows = row_multiple(dtype, device)
-        self.attention_kernel = attention_kernel_available(cache.layers[0][0].dtype, device)
+        # Without batch invariance (only to measure what it costs): plain BLAS, no row padding.
+        self.rows = row_multiple(dtype, device) if batch_invariant else 1
+        self.attention_kernel = batch_invariant and attention_kernel_available(cache.layers[0][0].dtype, device)
+        for module in model.modules():
+            if isinstance(module, InvariantLinear):
+                module.use_kernel = batch_invariant
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> list[torch.Tensor]:

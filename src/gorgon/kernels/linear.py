@@ -54,10 +54,12 @@ class InvariantLinear(torch.nn.Linear):
 
     _packed: torch.Tensor | None = None
     _packed_key: tuple = ()
+    use_kernel = True  # False: always the BLAS (used to measure what batch invariance costs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or not kernel_available(w.dtype, w.device):
+        training = torch.is_grad_enabled() and w.requires_grad
+        if training or not self.use_kernel or not kernel_available(w.dtype, w.device):
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w.dtype, _version(w))
         if self._packed is None or self._packed_key != key:
