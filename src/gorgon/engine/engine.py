@@ -17,7 +17,7 @@ import torch
 from gorgon.config import EngineConfig
 from gorgon.engine.llm_engine import LLMEngine, Output
 from gorgon.engine.request import ErrorOutput, FinalOutput, GenerationRequest
-from gorgon.errors import OverloadedError
+from gorgon.errors import IncompleteGenerationError, OverloadedError
 from gorgon.models.factory import build_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ class AsyncEngine:
 
     # --- requests ------------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Output]:
+        if self._fatal is not None:
+            raise IncompleteGenerationError(f"the engine has failed: {self._fatal}")
         if self._in_flight >= self.config.max_concurrent_requests:
             raise OverloadedError()
         self._in_flight += 1
