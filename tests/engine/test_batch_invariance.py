@@ -51,7 +51,7 @@ def _generate(runner, alloc, prompt, chunk_size, companions):
                 chunks.append(ScheduledChunk(o, pos, [o.token_ids[pos]], False, True))
         # Put the main sequence in the middle of the batch when it has company.
         chunks = chunks[1:2] + chunks[:1] + chunks[2:] if len(chunks) > 1 else chunks
-        out = runner.run(StepPlan(chunks))
+        out = runner.run(StepPlan(chunks)).logits
         for chunk, logits in zip(chunks, out):
             if chunk.samples:
                 chunk.seq.token_ids.append(int(logits[-1].argmax()))

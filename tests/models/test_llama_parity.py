@@ -40,8 +40,8 @@ def test_prefill_logits_match_hf(family):
         ]
     )
     plan2 = StepPlan([ScheduledChunk(seqs[2], 270, prompts[2][270:], True, True)])
-    out1 = runner.run(plan1)
-    out2 = runner.run(plan2)
+    out1 = runner.run(plan1).logits
+    out2 = runner.run(plan2).logits
     ours = [out1[0], out1[1], torch.cat([out1[2], out2[0]])]
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
@@ -56,14 +56,14 @@ def test_greedy_decode_matches_hf_generate(family):
     runner, alloc = _runner(model)
     prompt = torch.randint(3, 320, (20,), generator=torch.Generator().manual_seed(3)).tolist()
     seq = _seq(prompt, alloc, max_new=40)
-    logits = runner.run(StepPlan([ScheduledChunk(seq, 0, prompt, False, True)]))[0]
+    logits = runner.run(StepPlan([ScheduledChunk(seq, 0, prompt, False, True)])).logits[0]
     tokens = []
     for _ in range(40):
         tok = int(logits[-1].argmax())
         tokens.append(tok)
         seq.token_ids.append(tok)
         pos = len(seq.token_ids) - 1
-        logits = runner.run(StepPlan([ScheduledChunk(seq, pos, [tok], False, True)]))[0]
+        logits = runner.run(StepPlan([ScheduledChunk(seq, pos, [tok], False, True)])).logits[0]
     with torch.no_grad():
         ref = hf.generate(
             torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0

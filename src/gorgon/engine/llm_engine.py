@@ -28,7 +28,9 @@ from gorgon.engine.runner import ModelRunner
 from gorgon.engine.sampler import RowSampling, sample
 from gorgon.engine.scheduler import ScheduledChunk, Scheduler
 from gorgon.engine.sequence import Sequence
+from gorgon.engine.speculation import Speculator
 from gorgon.models.llama import LlamaModel
+from gorgon.speculative.verify import accept, emitted_tokens
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,10 @@ class LLMEngine:
         dtype: torch.dtype,
         device: torch.device,
         eos_token_ids: set[int],
+        speculator: Speculator | None = None,
     ) -> None:
         self.model = model
+        self.speculator = speculator
         self.tokenizer = tokenizer
         self.config = config
         self.dtype, self.device = dtype, device
@@ -61,8 +65,10 @@ class LLMEngine:
         self.special_ids = set(getattr(tokenizer, "all_special_ids", [])) | eos_token_ids
         cfg: ModelConfig = model.config
         self.cache = KVCache(cfg, config.max_batch_total_tokens, kv_cache_dtype(dtype, device), device)
-        self.scheduler = Scheduler(config, SlotAllocator(config.max_batch_total_tokens))
-        self.runner = ModelRunner(model, self.cache, dtype, device, config.batch_invariant)
+        tree = speculator.tree if speculator else None
+        tree_size = tree.size if tree else 0
+        self.scheduler = Scheduler(config, SlotAllocator(config.max_batch_total_tokens), tree_size)
+        self.runner = ModelRunner(model, self.cache, dtype, device, config.batch_invariant, tree)
         self._live: dict[int, _Live] = {}
         self.generated_tokens = 0
         self.last_batch_size = 0
@@ -102,53 +108,103 @@ class LLMEngine:
 
     # --- one iteration ---------------------------------------------------------------------------------
     def step(self) -> None:
-        plan = self.scheduler.schedule()
+        decoding = sum(1 for s in self.scheduler.running if not s.in_prefill)
+        speculate = self.speculator is not None and self.speculator.should_speculate(decoding)
+        if self.speculator is not None and decoding:
+            stats = self.speculator.stats
+            stats.steps_on, stats.steps_off = stats.steps_on + speculate, stats.steps_off + (not speculate)
+        plan = self.scheduler.schedule(speculate=speculate)
         if plan is None:
             return
         self.last_batch_size = len(plan.chunks)
         try:
-            logits = self.runner.run(plan)
+            out = self.runner.run(plan)
         except Exception as exc:  # a failed forward pass fails the step's requests, not the server
             log.exception("model step failed")
             for chunk in plan.chunks:
                 self._fail(chunk.seq, f"model step failed: {exc}")
             return
-        for chunk, chunk_logits in zip(plan.chunks, logits):
+        for chunk, chunk_logits in zip(plan.chunks, out.logits):
             chunk.seq.num_cached = chunk.end
             if chunk.want_all_logits:
                 self._record_prefill_logprobs(chunk, chunk_logits)
-        sampling = [(c, lg[-1:]) for c, lg in zip(plan.chunks, logits) if c.samples]
+        sampling = [(c, lg, h) for c, lg, h in zip(plan.chunks, out.logits, out.hidden) if c.samples]
         if sampling:
-            self._sample_and_emit(sampling)
+            self._sample_and_emit(sampling, speculate)
 
-    def _sample_and_emit(self, sampling: list[tuple[ScheduledChunk, torch.Tensor]]) -> None:
+    def _sample_and_emit(self, sampling: list, speculate: bool) -> None:
+        """Choose each sampling row's token, accept drafts, emit tokens, and draft the next trees."""
+        rows, logits = [], []
+        for chunk, chunk_logits, _ in sampling:
+            n = 1 + len(chunk.draft)
+            rows += self._row_sampling(chunk)
+            logits.append(chunk_logits[-n:])
+        result = sample(torch.cat(logits), rows)
+        tokens, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
+        to_draft, hidden_rows = [], []
+        offset = 0
+        for chunk, _, hidden in sampling:
+            seq, n = chunk.seq, 1 + len(chunk.draft)
+            targets = tokens[offset : offset + n]
+            path = accept(self.speculator.tree, chunk.draft, targets) if chunk.draft else []
+            if chunk.draft:
+                self._keep_accepted_kv(seq, chunk.start, path)
+                self.speculator.stats.record(len(path))
+            emit_rows = [0] + [node + 1 for node in path]
+            for k, (row, token) in enumerate(zip(emit_rows, emitted_tokens(path, targets))):
+                i = offset + row
+                alts = tuple(
+                    Alternative(t, self.tokenizer.decode([t]), lp) for t, lp in result.alternatives[i]
+                )
+                if not self._append_token(seq, token, logprobs[i], alts, skipped=k > 0):
+                    break
+            offset += n
+            if speculate and seq.seq_id in self._live:
+                to_draft.append(seq)
+                hidden_rows.append(hidden[-n:][emit_rows[-1]])
+        for seq in self.scheduler.running:
+            seq.draft = []
+        if to_draft:
+            for seq, draft in zip(to_draft, self.speculator.draft(torch.stack(hidden_rows), to_draft)):
+                seq.draft = draft
+
+    def _row_sampling(self, chunk: ScheduledChunk) -> list[RowSampling]:
+        """The root row, then each tree node's row, sampled as plain decoding would sample that position:
+        same history (penalties), same random numbers (seed, token index)."""
+        seq = chunk.seq
+        params = seq.request.sampling
+        paths = [[]] + [[chunk.draft[a] for a in chain] for chain in self._tree_ancestors(len(chunk.draft))]
         rows = []
-        for chunk, _ in sampling:
-            seq = chunk.seq
-            history = torch.tensor(seq.token_ids, dtype=torch.long, device=self.device)
+        for path in paths:
+            history = None
+            if params.needs_history:
+                history = torch.tensor(seq.token_ids + path, dtype=torch.long, device=self.device)
             rows.append(
                 RowSampling(
-                    params=seq.request.sampling,
-                    seed=seq.seed,
-                    step=seq.num_generated,
-                    history=history,
-                    top_n=seq.request.top_n_tokens,
+                    params, seq.seed, seq.num_generated + len(path), history, seq.request.top_n_tokens
                 )
             )
-        result = sample(torch.cat([lg for _, lg in sampling]), rows)
-        tokens = result.token_ids.tolist()
-        logprobs = result.logprobs.tolist()
-        for i, (chunk, _) in enumerate(sampling):
-            alts = tuple(
-                Alternative(tid, self.tokenizer.decode([tid]), lp) for tid, lp in result.alternatives[i]
-            )
-            self._append_token(chunk.seq, tokens[i], logprobs[i], alts, skipped=False)
+        return rows
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float, alts, skipped: bool) -> None:
+    def _tree_ancestors(self, n: int) -> tuple:
+        return self.speculator.tree.ancestors[:n] if n else ()
+
+    def _keep_accepted_kv(self, seq: Sequence, root: int, path: list[int]) -> None:
+        """Accepted nodes wrote their K/V to scratch slots: swap those into the sequence's positions."""
+        seq.num_cached += len(path)
+        for depth, node in enumerate(path, start=1):
+            pos = root + depth
+            if pos >= len(seq.slots):  # beyond max_new_tokens: never emitted
+                break
+            seq.slots[pos], seq.node_slots[node] = seq.node_slots[node], seq.slots[pos]
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, alts, skipped: bool) -> bool:
+        """Emit one token; returns whether the sequence goes on."""
         live = self._live.get(seq.seq_id)
         if live is None:
-            return
+            return False
         seq.token_ids.append(token)
+        seq.skipped_tokens += skipped
         self.generated_tokens += 1
         text = live.detok.step(token)
         reason = self._finish_reason(seq, token, live.detok.text)
@@ -159,6 +215,7 @@ class LLMEngine:
         live.sink(out)
         if reason is not None:
             self._finish(seq, reason)
+        return reason is None
 
     def _finish_reason(self, seq: Sequence, token: int, text: str) -> str | None:
         stopping = seq.request.stopping

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gorgon.engine.kv_cache import SCRATCH_SLOT, KVCache
@@ -10,10 +12,17 @@ from gorgon.kernels.linear import InvariantLinear, row_multiple
 from gorgon.models.attention import AttentionMetadata
 from gorgon.models.attention import kernel_available as attention_kernel_available
 from gorgon.models.llama import LlamaModel
+from gorgon.speculative.tree import CandidateTree
 
 
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class StepOutput:
+    logits: list[torch.Tensor]  # per chunk, [rows, vocab] float32
+    hidden: list[torch.Tensor]  # per chunk, the same rows' final hidden states (what feeds lm_head)
 
 
 class ModelRunner:
@@ -24,37 +33,48 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         batch_invariant: bool = True,
+        tree: CandidateTree | None = None,
     ) -> None:
         self.model = model
+        self.tree = tree
         self.cache = cache
         self.device = device
         # Without batch invariance (only to measure what it costs): plain BLAS, no row padding.
         self.rows = row_multiple(dtype, device) if batch_invariant else 1
-        self.attention_kernel = batch_invariant and attention_kernel_available(cache.layers[0][0].dtype, device)
+        self.attention_kernel = batch_invariant and attention_kernel_available(
+            cache.layers[0][0].dtype, device
+        )
         for module in model.modules():
             if isinstance(module, InvariantLinear):
                 module.use_kernel = batch_invariant
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> list[torch.Tensor]:
-        """Returns, per chunk, float32 logits [rows, vocab]: every row or only the last, as the chunk asked."""
+    def run(self, plan: StepPlan) -> StepOutput:
+        """Returns, per chunk, float32 logits [rows, vocab] and the final hidden states of those rows: every
+        row (prompt logprobs, or a verified candidate tree: row 0 the chunk's token, row i + 1 node i) or only
+        the last."""
         ids, positions, write_slots, logit_rows = [], [], [], []
-        q_index, q_pos, seq_slots = [], [], []
+        table_rows, table_pos, tables = [], [], []  # attention: one entry per sequence, or per tree node
         row = 0
         for chunk in plan.chunks:
             n = len(chunk.tokens)
             ids += chunk.tokens
             positions += range(chunk.start, chunk.end)
             write_slots += chunk.seq.slots[chunk.start : chunk.end]
-            q_index.append(list(range(row, row + n)))
-            q_pos.append(list(range(chunk.start, chunk.end)))
-            seq_slots.append(chunk.seq.slots[: chunk.end])
+            table_rows.append(list(range(row, row + n)))
+            table_pos.append(list(range(chunk.start, chunk.end)))
+            tables.append(chunk.seq.slots[: chunk.end])
             logit_rows.append(list(range(row, row + n)) if chunk.want_all_logits else [row + n - 1])
             row += n
+            if chunk.draft:
+                row = self._add_tree_rows(
+                    chunk, row, ids, positions, write_slots, table_rows, table_pos, tables
+                )
+                logit_rows[-1] += list(range(logit_rows[-1][-1] + 1, row))
 
         total = _round_up(row, self.rows)
         pad = total - row
-        meta = self._metadata(q_index, q_pos, seq_slots, write_slots + [SCRATCH_SLOT] * pad)
+        meta = self._metadata(table_rows, table_pos, tables, write_slots + [SCRATCH_SLOT] * pad)
         dev = self.device
         input_ids = torch.tensor(ids + [0] * pad, dtype=torch.long, device=dev)
         pos = torch.tensor(positions + [0] * pad, dtype=torch.long, device=dev)
@@ -63,15 +83,34 @@ class ModelRunner:
         flat_rows = [r for rows in logit_rows for r in rows]
         n_logits = len(flat_rows)
         padded_rows = flat_rows + [0] * (_round_up(n_logits, self.rows) - n_logits)
-        logits = self.model.logits(hidden[torch.tensor(padded_rows, device=dev)])[:n_logits]
-        return list(logits.split([len(r) for r in logit_rows]))
+        selected = hidden[torch.tensor(padded_rows, device=dev)]
+        logits = self.model.logits(selected)[:n_logits]
+        sizes = [len(r) for r in logit_rows]
+        return StepOutput(list(logits.split(sizes)), list(selected[:n_logits].split(sizes)))
 
-    def _metadata(self, q_index, q_pos, seq_slots, write_slots) -> AttentionMetadata:
+    def _add_tree_rows(self, chunk, row, ids, positions, write_slots, table_rows, table_pos, tables) -> int:
+        """Rows for the chunk's candidate tree: node i at position root + depth, in the sequence's scratch slot
+        i, attending to the prefix, the root and its ancestors in position order (what plain decoding of
+        that path would see), each through a slot table of its own."""
+        tree, seq, root = self.tree, chunk.seq, chunk.start
+        prefix = seq.slots[: root + 1]
+        for i, token in enumerate(chunk.draft):
+            chain = tree.ancestors[i]
+            ids.append(token)
+            positions.append(root + len(chain))
+            write_slots.append(seq.node_slots[i])
+            table_rows.append([row])
+            table_pos.append([root + len(chain)])
+            tables.append(prefix + [seq.node_slots[a] for a in chain])
+            row += 1
+        return row
+
+    def _metadata(self, table_rows, table_pos, tables, write_slots) -> AttentionMetadata:
         cfg = self.model.config
         return AttentionMetadata.build(
-            q_index,
-            q_pos,
-            seq_slots,
+            table_rows,
+            table_pos,
+            tables,
             write_slots,
             heads_per_kv=cfg.num_heads // cfg.num_kv_heads,
             sliding_window=cfg.sliding_window,

@@ -9,7 +9,7 @@ sequence never has to be preempted.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gorgon.config import EngineConfig
 from gorgon.engine.kv_cache import SlotAllocator
@@ -23,6 +23,7 @@ class ScheduledChunk:
     tokens: list[int]
     want_all_logits: bool  # every row's logits (prompt logprobs), else only the last row's
     samples: bool  # the last row yields the sequence's next token
+    draft: list[int] = field(default_factory=list)  # candidate tree tokens verified after the (one) token
 
     @property
     def end(self) -> int:
@@ -39,9 +40,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: SlotAllocator) -> None:
+    def __init__(self, config: EngineConfig, allocator: SlotAllocator, tree_size: int = 0) -> None:
         self.config = config
         self.allocator = allocator
+        self.tree_size = tree_size  # scratch KV slots each sequence keeps for its candidate tree
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -58,13 +60,13 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free(seq.slots)
-        seq.slots = []
-        seq.slot_table = None
+        self.allocator.free(seq.slots + seq.node_slots)
+        seq.slots, seq.node_slots = [], []
         seq.status = Status.FINISHED
 
-    def schedule(self) -> StepPlan | None:
-        chunks = [self._decode_chunk(s) for s in self.running if not s.in_prefill]
+    def schedule(self, speculate: bool = False) -> StepPlan | None:
+        """`speculate`: decodes carry their sequence's draft (candidate tree) for verification."""
+        chunks = [self._decode_chunk(s, speculate) for s in self.running if not s.in_prefill]
         budget = self.config.max_batch_prefill_tokens
         for seq in self.running:
             if seq.in_prefill and budget > 0:
@@ -77,17 +79,21 @@ class Scheduler:
         return StepPlan(chunks) if chunks else None
 
     def _admit(self, seq: Sequence) -> bool:
-        if self.allocator.num_free < seq.max_tokens:
+        if self.allocator.num_free < seq.max_tokens + self.tree_size:
             return False
         seq.slots = self.allocator.allocate(seq.max_tokens)
+        seq.node_slots = self.allocator.allocate(self.tree_size)
         seq.status = Status.RUNNING
         self.running.append(seq)
         return True
 
     @staticmethod
-    def _decode_chunk(seq: Sequence) -> ScheduledChunk:
+    def _decode_chunk(seq: Sequence, speculate: bool) -> ScheduledChunk:
         pos = len(seq.token_ids) - 1
-        return ScheduledChunk(seq, pos, [seq.token_ids[pos]], want_all_logits=False, samples=True)
+        draft = seq.draft if speculate else []
+        return ScheduledChunk(
+            seq, pos, [seq.token_ids[pos]], want_all_logits=False, samples=True, draft=draft
+        )
 
     @staticmethod
     def _prefill_chunk(seq: Sequence, budget: int) -> ScheduledChunk:

@@ -6,8 +6,6 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from gorgon.engine.request import GenerationRequest, PrefillToken, TokenOutput
 
 _ids = itertools.count()
@@ -28,7 +26,9 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_cached: int = 0  # tokens whose K/V are in the cache
     slots: list[int] = field(default_factory=list)  # slot of each logical position
-    slot_table: torch.Tensor | None = None  # the same, as a tensor for the runner
+    # Scratch slots for the candidate tree's nodes; an accepted node's slot is swapped into `slots`.
+    node_slots: list[int] = field(default_factory=list)
+    draft: list[int] = field(default_factory=list)  # candidate tree tokens for the next step (may be empty)
     outputs: list[TokenOutput] = field(default_factory=list)
     prefill: list[PrefillToken] = field(default_factory=list)
     skipped_tokens: int = 0

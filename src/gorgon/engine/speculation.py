@@ -1,0 +1,62 @@
+"""Medusa drafting inside the engine: heads -> candidate tree tokens, the policy that decides whether a step
+speculates, and the counters behind the speculation metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gorgon.speculative.tree import CandidateTree
+
+
+@dataclass
+class SpeculationStats:
+    steps_on: int = 0  # decode steps that verified drafts
+    steps_off: int = 0  # decode steps the policy ran without drafts
+    verified_sequences: int = 0  # sequence-steps that verified a tree
+    emitted_tokens: int = 0  # tokens emitted by those sequence-steps
+    accepted_per_depth: list[int] = field(default_factory=list)  # accepted nodes at depth k + 1 (head k)
+
+    def record(self, accepted: int) -> None:
+        self.verified_sequences += 1
+        self.emitted_tokens += accepted + 1
+        for depth in range(accepted):
+            self.accepted_per_depth[depth] += 1
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        return self.emitted_tokens / self.verified_sequences if self.verified_sequences else 0.0
+
+    def head_acceptance(self) -> list[float]:
+        n = max(self.verified_sequences, 1)
+        return [a / n for a in self.accepted_per_depth]
+
+
+class Speculator:
+    """Drafts candidate trees from the Medusa heads of the sequences' last accepted hidden states."""
+
+    def __init__(self, heads, lm_head: torch.nn.Module, tree: CandidateTree, max_batch_size: int) -> None:
+        tree.check_heads(heads.config.num_heads)
+        self.heads = heads
+        self.lm_head = lm_head
+        self.tree = tree
+        self.max_batch_size = max_batch_size
+        self.stats = SpeculationStats(accepted_per_depth=[0] * tree.depth)
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.tree.depth
+
+    def should_speculate(self, decoding: int) -> bool:
+        """Whether a step with `decoding` decode sequences should verify drafts: verification rows cost more
+        as the batch grows, so beyond `max_batch_size` a step runs plain decoding."""
+        return 0 < decoding <= self.max_batch_size
+
+    @torch.inference_mode()
+    def draft(self, hidden: torch.Tensor, seqs: list) -> list[list[int]]:
+        """hidden [N, H]: each sequence's last accepted row (`seqs`, whose last token is the tree's root)
+        -> N candidate trees' node tokens."""
+        logits = self.heads.logits(hidden, self.lm_head)[:, : self.tree.depth]  # (N, depth, V)
+        guesses = logits.topk(self.tree.top_k, dim=-1).indices.tolist()  # (N, depth, top_k)
+        return [self.tree.node_tokens(g) for g in guesses]

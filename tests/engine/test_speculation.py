@@ -1,0 +1,145 @@
+"""Speculation inside continuous batching: outputs are bitwise those of plain decoding, greedy or sampled,
+in float32 and bfloat16, whatever the drafts and whoever shares the batch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from helpers import gorgon_from_hf, tiny_hf_model
+
+from gorgon.config import EngineConfig
+from gorgon.engine.llm_engine import LLMEngine
+from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams
+from gorgon.engine.speculation import SpeculationStats, Speculator
+from gorgon.speculative.tree import CandidateTree
+
+CONFIG = EngineConfig(max_input_length=200, max_total_tokens=400, max_batch_total_tokens=6000)
+
+
+class OracleSpeculator(Speculator):
+    """Drafts from known continuations (the plain-decoding outputs), corrupted at random: acceptance is
+    high but not total, so every acceptance length occurs."""
+
+    def __init__(self, tree: CandidateTree, futures: dict[tuple, list[int]], wrong: float, seed: int = 0):
+        self.tree, self.max_batch_size = tree, 64
+        self.futures, self.wrong, self.rng = futures, wrong, random.Random(seed)
+        self.stats = SpeculationStats(accepted_per_depth=[0] * tree.depth)
+
+    def draft(self, hidden, seqs):
+        trees = []
+        for seq in seqs:
+            future = self.futures[tuple(seq.request.prompt_ids)][seq.num_generated :]
+            nodes = []
+            for path in self.tree.paths:
+                depth, rank = len(path), path[-1]
+                true = future[depth - 1] if depth - 1 < len(future) else 0
+                token = true if rank == 0 and self.rng.random() > self.wrong else self.rng.randrange(3, 300)
+                nodes.append(token)
+            trees.append(nodes)
+        return trees
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_tokenizer):
+    return tiny_hf_model("llama", vocab_size=len(tiny_tokenizer), max_position_embeddings=1024)
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(3, 300, (int(torch.randint(3, 90, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
+
+
+def run(engine, requests, arrivals=None):
+    arrivals = arrivals or [0] * len(requests)
+    outs: list[list] = [[] for _ in requests]
+    step, added = 0, set()
+    while len(added) < len(requests) or engine.has_work():
+        for i, r in enumerate(requests):
+            if i not in added and arrivals[i] <= step:
+                engine.add_request(r, outs[i].append)
+                added.add(i)
+        engine.step()
+        step += 1
+    return [o[-1] for o in outs]
+
+
+def request(p, max_new=30, sampling=None, stop=()):
+    return GenerationRequest(
+        list(p), sampling or SamplingParams(), StoppingParams(max_new, tuple(stop), True)
+    )
+
+
+def engine(hf_model, tok, dtype, speculator=None):
+    model = gorgon_from_hf(hf_model, dtype)
+    return LLMEngine(model, tok, CONFIG, dtype, torch.device("cpu"), {1}, speculator)
+
+
+SAMPLED = SamplingParams(
+    do_sample=True, temperature=0.8, top_k=40, seed=3, repetition_penalty=1.3, presence_penalty=0.5
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tree", ["chain-3", "tree-8", "tree-16"])
+def test_speculative_outputs_equal_plain_decoding(hf_model, tiny_tokenizer, dtype, tree):
+    ps = prompts(5, seed=1)
+    reqs = [request(p, sampling=SAMPLED if i % 2 else None) for i, p in enumerate(ps)]
+    plain = run(engine(hf_model, tiny_tokenizer, dtype), reqs)
+    futures = {tuple(p): [t.id for t in f.tokens] for p, f in zip(ps, plain)}
+    spec = OracleSpeculator(CandidateTree.load(tree), futures, wrong=0.3)
+    fast = run(engine(hf_model, tiny_tokenizer, dtype, spec), reqs, arrivals=[0, 0, 2, 5, 6])
+    for a, b in zip(plain, fast):
+        assert isinstance(b, FinalOutput)
+        assert [(t.id, t.logprob) for t in a.tokens] == [(t.id, t.logprob) for t in b.tokens]
+        assert b.generated_text == a.generated_text and b.finish_reason == a.finish_reason
+    stats = spec.stats
+    assert stats.mean_tokens_per_step > 1.5, stats  # drafts were really accepted...
+    assert stats.accepted_per_depth[0] < stats.verified_sequences  # ...and really rejected
+    assert sum(b.skipped_tokens for b in fast) == sum(len(b.tokens) for b in fast) - sum(
+        1 for b in fast for t in b.tokens if not t.skipped
+    )
+    assert any(t.skipped for b in fast for t in b.tokens)
+
+
+def test_stops_inside_an_accepted_draft(hf_model, tiny_tokenizer):
+    p = prompts(1, seed=2)[0]
+    (plain,) = run(engine(hf_model, tiny_tokenizer, torch.float32), [request(p, max_new=40)])
+    text = plain.generated_text
+    stop = text[20:23]
+    futures = {tuple(p): [t.id for t in plain.tokens]}
+    for req in (request(p, max_new=40, stop=[stop]), request(p, max_new=13)):
+        (a,) = run(engine(hf_model, tiny_tokenizer, torch.float32), [req])
+        spec = OracleSpeculator(CandidateTree.load("chain-4"), futures, wrong=0.0)
+        (b,) = run(engine(hf_model, tiny_tokenizer, torch.float32, spec), [req])
+        assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+        assert (a.generated_text, a.finish_reason) == (b.generated_text, b.finish_reason)
+
+
+def test_kv_slots_are_all_returned(hf_model, tiny_tokenizer):
+    ps = prompts(4, seed=3)
+    plain = run(engine(hf_model, tiny_tokenizer, torch.float32), [request(p) for p in ps])
+    futures = {tuple(p): [t.id for t in f.tokens] for p, f in zip(ps, plain)}
+    eng = engine(
+        hf_model, tiny_tokenizer, torch.float32, OracleSpeculator(CandidateTree.load("tree-16"), futures, 0.2)
+    )
+    free = eng.scheduler.allocator.num_free
+    run(eng, [request(p) for p in ps])
+    assert eng.scheduler.allocator.num_free == free
+    assert len(set(eng.scheduler.allocator._free)) == free  # no slot handed out twice
+
+
+def test_policy_turns_speculation_off_for_large_batches(hf_model, tiny_tokenizer):
+    ps = prompts(6, seed=4)
+    reqs = [request(p, max_new=4 + 6 * i) for i, p in enumerate(ps)]  # the batch shrinks as they finish
+    plain = run(engine(hf_model, tiny_tokenizer, torch.float32), reqs)
+    futures = {tuple(p): [t.id for t in f.tokens] for p, f in zip(ps, plain)}
+    spec = OracleSpeculator(CandidateTree.load("chain-2"), futures, 0.0)
+    spec.max_batch_size = 3
+    fast = run(engine(hf_model, tiny_tokenizer, torch.float32, spec), reqs)
+    assert [[t.id for t in f.tokens] for f in fast] == [[t.id for t in f.tokens] for f in plain]
+    assert spec.stats.steps_off > 0 and spec.stats.steps_on > 0
