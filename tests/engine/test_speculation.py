@@ -143,3 +143,26 @@ def test_policy_turns_speculation_off_for_large_batches(hf_model, tiny_tokenizer
     fast = run(engine(hf_model, tiny_tokenizer, torch.float32, spec), reqs)
     assert [[t.id for t in f.tokens] for f in fast] == [[t.id for t in f.tokens] for f in plain]
     assert spec.stats.steps_off > 0 and spec.stats.steps_on > 0
+
+
+def test_ngram_lookup():
+    from gorgon.engine.speculation import lookup
+
+    assert lookup([5, 6, 7, 8, 5, 6], 3, 3) == [7, 8, 5]
+    assert lookup([1, 2, 3, 9, 2, 3, 4, 2, 3], 2, 3) == [4, 2]  # the latest occurrence wins
+    assert lookup([1, 2, 3], 4, 3) == []
+    assert lookup([4, 4, 4, 4], 2, 2) == [4, 4]
+
+
+def test_ngram_speculation_is_exact_and_accepts_repeats(hf_model, tiny_tokenizer):
+    from gorgon.engine.speculation import NgramSpeculator
+
+    # A prompt that repeats itself: the random model's continuation often copies, and drafts find it.
+    base = prompts(1, seed=5)[0][:12]
+    reqs = [request(base * 4, max_new=40), request(prompts(1, seed=6)[0], max_new=40, sampling=SAMPLED)]
+    plain = run(engine(hf_model, tiny_tokenizer, torch.float32), reqs)
+    spec = NgramSpeculator(num_tokens=4, max_batch_size=8)
+    fast = run(engine(hf_model, tiny_tokenizer, torch.float32, spec), reqs)
+    for a, b in zip(plain, fast):
+        assert [(t.id, t.logprob) for t in a.tokens] == [(t.id, t.logprob) for t in b.tokens]
+    assert spec.stats.verified_sequences > 0

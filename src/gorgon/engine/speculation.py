@@ -60,3 +60,37 @@ class Speculator:
         logits = self.heads.logits(hidden, self.lm_head)[:, : self.tree.depth]  # (N, depth, V)
         guesses = logits.topk(self.tree.top_k, dim=-1).indices.tolist()  # (N, depth, top_k)
         return [self.tree.node_tokens(g) for g in guesses]
+
+
+class NgramSpeculator(Speculator):
+    """Prompt lookup (LoRAX's `--speculative-tokens` without a Medusa adapter): find the latest earlier
+    occurrence of the sequence's last n tokens (longest n first) and propose what followed it."""
+
+    def __init__(self, num_tokens: int, max_batch_size: int, max_ngram: int = 3) -> None:
+        if num_tokens < 1:
+            raise ValueError("--speculative-tokens must be at least 1")
+        self.tree = CandidateTree.from_paths([(0,) * d for d in range(1, num_tokens + 1)])
+        self.max_batch_size = max_batch_size
+        self.max_ngram = max_ngram
+        self.stats = SpeculationStats(accepted_per_depth=[0] * num_tokens)
+
+    def draft(self, hidden: torch.Tensor, seqs: list) -> list[list[int]]:
+        return [lookup(seq.token_ids, self.tree.size, self.max_ngram) for seq in seqs]
+
+
+def lookup(tokens: list[int], length: int, max_ngram: int) -> list[int]:
+    """Up to `length` tokens that followed an earlier occurrence of the longest suffix n-gram: the latest
+    occurrence with a full continuation, else the one with the longest."""
+    n_tokens = len(tokens)
+    for n in range(min(max_ngram, n_tokens - 1), 0, -1):
+        suffix = tokens[n_tokens - n :]
+        best: list[int] = []
+        for start in range(n_tokens - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                follow = tokens[start + n : start + n + length]
+                if len(follow) == length:
+                    return follow
+                best = follow if len(follow) > len(best) else best
+        if best:
+            return best
+    return []

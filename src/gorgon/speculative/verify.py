@@ -21,7 +21,8 @@ def accept(tree: CandidateTree, node_tokens: list[int], targets: list[int]) -> l
     row = 0
     while True:
         target = targets[row]
-        child = next((c for c in tree.children[row] if node_tokens[c] == target), None)
+        # A draft may fill only the first nodes of the tree (n-gram drafts can run short).
+        child = next((c for c in tree.children[row] if c < len(node_tokens) and node_tokens[c] == target), None)
         if child is None:
             return path
         path.append(child)
