@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from gorgon.config import EngineConfig
+from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.errors import GorgonError
 
 log = logging.getLogger("gorgon")
@@ -35,6 +35,25 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-best-of", type=int, default=d.max_best_of)
 
 
+def _add_speculation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapter-id", default=None, help="default adapter: a Medusa adapter speculates for every request"
+    )
+    p.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
+    p.add_argument(
+        "--medusa-tree", default=None, help="candidate tree: chain-N, tree-8, tree-16 or a JSON file of paths"
+    )
+    p.add_argument(
+        "--speculative-tokens", type=int, default=0, help="n-gram speculation when no Medusa adapter"
+    )
+    p.add_argument(
+        "--speculation-max-batch-size",
+        type=int,
+        default=32,
+        help="decode steps with more sequences run without drafts",
+    )
+
+
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         max_input_length=args.max_input_length,
@@ -47,6 +66,16 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def _speculation_config(args: argparse.Namespace) -> SpeculationConfig:
+    return SpeculationConfig(
+        adapter_id=getattr(args, "adapter_id", None),
+        adapter_source=getattr(args, "adapter_source", "hub"),
+        medusa_tree=getattr(args, "medusa_tree", None),
+        speculative_tokens=getattr(args, "speculative_tokens", 0),
+        max_batch_size=getattr(args, "speculation_max_batch_size", 32),
+    )
+
+
 def _load_engine(args: argparse.Namespace):
     from gorgon.engine.engine import AsyncEngine
 
@@ -56,6 +85,7 @@ def _load_engine(args: argparse.Namespace):
         device=args.device,
         engine_config=_engine_config(args),
         revision=args.revision,
+        speculation=_speculation_config(args),
     )
 
 
@@ -64,8 +94,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gorgon.server.app import create_app
 
-    if args.adapter_id or args.speculative_tokens:
-        raise SystemExit("Speculative decoding (--adapter-id / --speculative-tokens) is not available yet.")
     engine = _load_engine(args)
     engine.start()
     app = create_app(engine)
@@ -132,6 +160,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from gorgon.training.distill import run_distill
+
+    return run_distill(args, engine_factory=lambda: _load_engine(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gorgon", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -142,15 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_args(serve)
     serve.add_argument("--hostname", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--adapter-id", default=None, help="default adapter (Medusa); coming with speculation")
-    serve.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
-    serve.add_argument("--speculative-tokens", type=int, default=0)
+    _add_speculation_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate from one prompt in-process")
     gen.add_argument("prompt")
     _add_model_args(gen)
     _add_limit_args(gen)
+    _add_speculation_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -167,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="bench-results/bench.json")
     bench.add_argument("--skip-hf", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    from gorgon.training.distill import add_arguments as add_distill_arguments
+
+    distill = sub.add_parser("distill", help="self-distillation data: replay or synthesize chats with the model")
+    _add_model_args(distill)
+    _add_limit_args(distill)
+    add_distill_arguments(distill)
+    distill.set_defaults(func=cmd_distill)
     return parser
 
 

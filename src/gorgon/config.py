@@ -130,3 +130,23 @@ class EngineConfig:
             raise ValueError("--max-batch-total-tokens must be at least --max-total-tokens")
         if self.max_batch_prefill_tokens < 1:
             raise ValueError("--max-batch-prefill-tokens must be positive")
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """How the engine speculates: with the default Medusa adapter, else n-gram prompt lookup, else not."""
+
+    adapter_id: str | None = None  # default adapter (Medusa); also the default for every request
+    adapter_source: str = "hub"  # hub | local
+    medusa_tree: str | None = None  # built-in name or JSON file; None: the adapter's own tree, else a chain
+    speculative_tokens: int = 0  # n-gram lookup when no Medusa adapter is given
+    max_batch_size: int = 32  # decode steps with more sequences run without drafts
+    api_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter_source not in ("hub", "local"):
+            raise ValueError("--adapter-source must be hub or local")
+        if self.speculative_tokens < 0:
+            raise ValueError("--speculative-tokens must not be negative")
+        if self.max_batch_size < 0:
+            raise ValueError("--speculation-max-batch-size must not be negative")

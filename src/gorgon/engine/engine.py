@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from gorgon.config import EngineConfig
+from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.engine.llm_engine import LLMEngine, Output
 from gorgon.engine.request import ErrorOutput, FinalOutput, GenerationRequest
+from gorgon.engine.speculation import build_speculator
 from gorgon.errors import IncompleteGenerationError, OverloadedError
 from gorgon.models.factory import build_model, resolve_device, resolve_dtype
 
@@ -46,6 +47,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._fatal: BaseException | None = None
+        self.adapter_id: str | None = None  # the default adapter, if any
 
     @classmethod
     def from_pretrained(
@@ -56,6 +58,7 @@ class AsyncEngine:
         device: str = "auto",
         engine_config: EngineConfig | None = None,
         revision: str | None = None,
+        speculation: SpeculationConfig | None = None,
     ) -> AsyncEngine:
         from gorgon.models.loader import resolve_checkpoint
 
@@ -69,8 +72,11 @@ class AsyncEngine:
         eos = set(ckpt.config.eos_token_ids)
         if ckpt.tokenizer.eos_token_id is not None:
             eos.add(ckpt.tokenizer.eos_token_id)
-        llm = LLMEngine(model, ckpt.tokenizer, config, dt, dev, eos)
-        return cls(llm, ckpt.model_id)
+        speculator = build_speculator(speculation or SpeculationConfig(), model, ckpt.model_id, dt, dev)
+        llm = LLMEngine(model, ckpt.tokenizer, config, dt, dev, eos, speculator)
+        engine = cls(llm, ckpt.model_id)
+        engine.adapter_id = (speculation.adapter_id if speculation else None) or None
+        return engine
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,6 +94,16 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._fatal is None
+
+    @property
+    def speculate(self) -> int:
+        """Speculative tokens per step (the tree's depth); 0 without speculation."""
+        spec = self.engine.speculator
+        return spec.num_speculative_tokens if spec else 0
+
+    def speculation_stats(self):
+        spec = self.engine.speculator
+        return spec.stats if spec else None
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -3,11 +3,15 @@ speculates, and the counters behind the speculation metrics."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from gorgon.speculative.tree import CandidateTree
+from gorgon.config import SpeculationConfig
+from gorgon.speculative.tree import BUILTIN_TREES, CandidateTree
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,3 +98,47 @@ def lookup(tokens: list[int], length: int, max_ngram: int) -> list[int]:
         if best:
             return best
     return []
+
+
+DEFAULT_TREE_FILE = "gorgon_tree.json"  # an adapter directory may carry the tree tuned for it
+
+
+def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, device) -> Speculator | None:
+    """The engine's speculator: the default Medusa adapter's heads, else n-gram lookup, else None."""
+    if spec.adapter_id:
+        from gorgon.adapters.medusa_io import is_medusa_dir, load_medusa_adapter
+        from gorgon.adapters.source import resolve_adapter_dir
+
+        path = resolve_adapter_dir(spec.adapter_id, spec.adapter_source, api_token=spec.api_token)
+        if not is_medusa_dir(path):
+            raise ValueError(
+                f"--adapter-id {spec.adapter_id!r} is not a Medusa adapter (no medusa_num_heads in config.json)"
+            )
+        cfg = model.config
+        heads = load_medusa_adapter(
+            path,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            dtype=dtype,
+            device=device,
+            model_id=model_id,
+        )
+        tree_spec = spec.medusa_tree
+        if tree_spec is None:
+            own = path / DEFAULT_TREE_FILE
+            tree_spec = str(own) if own.is_file() else f"chain-{heads.config.num_heads}"
+        if tree_spec.startswith("chain-") and tree_spec not in BUILTIN_TREES:
+            tree = CandidateTree.from_paths([(0,) * d for d in range(1, int(tree_spec.split("-")[1]) + 1)])
+        else:
+            tree = CandidateTree.load(tree_spec)
+        log.info(
+            "speculating with Medusa adapter %s (%s), tree of %d nodes",
+            spec.adapter_id,
+            heads.config.describe(),
+            tree.size,
+        )
+        return Speculator(heads, model.lm_head, tree, spec.max_batch_size)
+    if spec.speculative_tokens:
+        log.info("speculating with n-gram lookup, %d tokens", spec.speculative_tokens)
+        return NgramSpeculator(spec.speculative_tokens, spec.max_batch_size)
+    return None

@@ -77,8 +77,8 @@ def create_app(engine: Any) -> FastAPI:
             max_batch_prefill_tokens=cfg.max_batch_prefill_tokens,
             max_batch_total_tokens=cfg.max_batch_total_tokens,
             version=__version__,
-            # Speculation is not wired yet; engines that speculate will expose how many tokens per step.
-            speculate=getattr(engine, "speculate", 0),
+            speculate=getattr(engine, "speculate", 0),  # speculative tokens per step (LoRAX's field)
+            adapter_id=getattr(engine, "adapter_id", None),
             chat_template=getattr(engine.tokenizer, "chat_template", None),
         )
 

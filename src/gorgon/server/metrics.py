@@ -18,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Paths that get their own label; anything else (404s, typos) is "other", so labels stay bounded.
@@ -74,6 +75,8 @@ class ServerMetrics:
         self.queue_size.set_function(lambda: engine.stats().queue_length)
         self.batch_size.set_function(lambda: engine.stats().batch_size)
 
+        self.registry.register(_SpeculationCollector(engine))
+
     def first_token(self, started: float) -> None:
         self.ttft.observe(time.perf_counter() - started)
 
@@ -110,3 +113,38 @@ class MetricsMiddleware:
         finally:
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+
+
+class _SpeculationCollector:
+    """Speculation figures, read from the engine at scrape time (absent when the engine does not speculate)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        stats_of = getattr(self.engine, "speculation_stats", None)
+        stats = stats_of() if stats_of else None
+        if stats is None:
+            return
+        yield GaugeMetricFamily(
+            "gorgon_speculation_tokens_per_step",
+            "Mean tokens emitted per verified sequence-step (accepted drafts + 1)",
+            value=stats.mean_tokens_per_step,
+        )
+        heads = GaugeMetricFamily(
+            "gorgon_speculation_head_acceptance",
+            "Share of verified sequence-steps that accepted a draft at this depth (head)",
+            labels=["head"],
+        )
+        for k, rate in enumerate(stats.head_acceptance()):
+            heads.add_metric([str(k)], rate)
+        yield heads
+        steps = CounterMetricFamily(
+            "gorgon_speculation_steps", "Decode steps with and without drafts", labels=["speculation"]
+        )
+        steps.add_metric(["on"], stats.steps_on)
+        steps.add_metric(["off"], stats.steps_off)
+        yield steps
