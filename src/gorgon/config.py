@@ -121,6 +121,8 @@ class EngineConfig:
     # A request's tokens do not depend on its batch (invariant kernels, or BLAS with padded row counts).
     # False only to measure what that costs: plain BLAS calls, no padding.
     batch_invariant: bool = True
+    # Time verification steps of several sizes at start, so speculation turns off where it does not pay.
+    measure_speculation_cost: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -15,7 +15,10 @@ from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams
 from gorgon.engine.speculation import SpeculationStats, Speculator
 from gorgon.speculative.tree import CandidateTree
 
-CONFIG = EngineConfig(max_input_length=200, max_total_tokens=400, max_batch_total_tokens=6000)
+# Exactness tests force drafts on every step; the measured policy has tests of its own below.
+CONFIG = EngineConfig(
+    max_input_length=200, max_total_tokens=400, max_batch_total_tokens=6000, measure_speculation_cost=False
+)
 
 
 class OracleSpeculator(Speculator):
@@ -166,3 +169,25 @@ def test_ngram_speculation_is_exact_and_accepts_repeats(hf_model, tiny_tokenizer
     for a, b in zip(plain, fast):
         assert [(t.id, t.logprob) for t in a.tokens] == [(t.id, t.logprob) for t in b.tokens]
     assert spec.stats.verified_sequences > 0
+
+
+def test_measured_policy_speculates_only_where_it_pays():
+    from gorgon.engine.speculation import StepCost
+
+    spec = OracleSpeculator(CandidateTree.load("chain-3"), {}, 0.0)
+    # Memory-bound up to 16 rows, then compute-bound: 4 rows per sequence-step with drafts.
+    spec.cost = StepCost((1, 16, 64), (0.010, 0.011, 0.044))
+    spec.stats.verified_sequences, spec.stats.emitted_tokens = 100, 200  # 2 tokens per step measured
+    assert spec.should_speculate(1) and spec.should_speculate(4)
+    assert not spec.should_speculate(16)  # 64 rows cost 4x one decode row step: 2 tokens do not pay
+    spec.stats.emitted_tokens = 100  # drafts never accepted: 1 token per step
+    assert not spec.should_speculate(1)
+    assert StepCost((1, 8), (1.0, 2.0)).seconds(15) == pytest.approx(3.0)  # extrapolated
+
+
+def test_cost_is_measured_at_start(hf_model, tiny_tokenizer):
+    spec = OracleSpeculator(CandidateTree.load("chain-2"), {}, 0.0)
+    config = EngineConfig(max_input_length=200, max_total_tokens=400, max_batch_total_tokens=6000)
+    model = gorgon_from_hf(hf_model, torch.float32)
+    LLMEngine(model, tiny_tokenizer, config, torch.float32, torch.device("cpu"), {1}, spec)
+    assert spec.cost is not None and spec.cost.rows[0] == 1 and all(t > 0 for t in spec.cost.seconds_at)

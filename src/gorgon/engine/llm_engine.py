@@ -28,7 +28,7 @@ from gorgon.engine.runner import ModelRunner
 from gorgon.engine.sampler import RowSampling, sample
 from gorgon.engine.scheduler import ScheduledChunk, Scheduler
 from gorgon.engine.sequence import Sequence
-from gorgon.engine.speculation import Speculator
+from gorgon.engine.speculation import Speculator, StepCost
 from gorgon.models.llama import LlamaModel
 from gorgon.speculative.verify import accept, emitted_tokens
 
@@ -69,6 +69,9 @@ class LLMEngine:
         tree_size = tree.size if tree else 0
         self.scheduler = Scheduler(config, SlotAllocator(config.max_batch_total_tokens), tree_size)
         self.runner = ModelRunner(model, self.cache, dtype, device, config.batch_invariant, tree)
+        if speculator is not None and config.measure_speculation_cost:
+            max_rows = min(speculator.max_batch_size, 32) * (1 + tree_size)
+            speculator.cost = StepCost.measure(self.runner, max_rows)
         self._live: dict[int, _Live] = {}
         self.generated_tokens = 0
         self.last_batch_size = 0

@@ -117,3 +117,27 @@ class ModelRunner:
             use_kernel=self.attention_kernel,
             device=self.device,
         )
+
+
+@torch.inference_mode()
+def time_forward(runner: ModelRunner, rows: int, repeats: int = 3, context: int = 256) -> float:
+    """Seconds for one step of `rows` decode rows (each over `context` keys) with their logits: what a
+    verification of that many rows costs. Reads and writes only the scratch slot."""
+    import time
+
+    total = _round_up(rows, runner.rows)
+    meta = runner._metadata(
+        [[r] for r in range(rows)],
+        [[context - 1] for _ in range(rows)],
+        [[SCRATCH_SLOT] * context for _ in range(rows)],
+        [SCRATCH_SLOT] * total,
+    )
+    ids = torch.zeros(total, dtype=torch.long, device=runner.device)
+    pos = torch.full((total,), context - 1, dtype=torch.long, device=runner.device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up (weight packing, allocator)
+        start = time.perf_counter()
+        hidden = runner.model(ids, pos, runner.cache.layers, meta)
+        runner.model.logits(hidden[:rows])
+        best = min(best, time.perf_counter() - start)
+    return best

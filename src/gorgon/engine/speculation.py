@@ -37,8 +37,42 @@ class SpeculationStats:
         return [a / n for a in self.accepted_per_depth]
 
 
+PRIOR_TOKENS_PER_STEP = 1.5  # until measured: what a modest adapter achieves
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Step time as a function of rows, piecewise linear between measured points."""
+
+    rows: tuple[int, ...]
+    seconds_at: tuple[float, ...]
+
+    @classmethod
+    def measure(cls, runner, max_rows: int) -> StepCost:
+        from gorgon.engine.runner import time_forward
+
+        points = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_rows} & set(range(1, max_rows + 1)))
+        times = [time_forward(runner, n) for n in points]
+        log.info(
+            "verification cost: %s", ", ".join(f"{n} rows {t * 1e3:.1f} ms" for n, t in zip(points, times))
+        )
+        return cls(tuple(points), tuple(times))
+
+    def seconds(self, rows: int) -> float:
+        pts, ts = self.rows, self.seconds_at
+        if rows <= pts[0]:
+            return ts[0]
+        for (r0, t0), (r1, t1) in zip(zip(pts, ts), zip(pts[1:], ts[1:])):
+            if rows <= r1:
+                return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+        slope = (ts[-1] - ts[-2]) / (pts[-1] - pts[-2]) if len(pts) > 1 else ts[-1] / pts[-1]
+        return ts[-1] + slope * (rows - pts[-1])
+
+
 class Speculator:
     """Drafts candidate trees from the Medusa heads of the sequences' last accepted hidden states."""
+
+    cost: StepCost | None = None  # measured by the engine at start; None: speculate up to max_batch_size
 
     def __init__(self, heads, lm_head: torch.nn.Module, tree: CandidateTree, max_batch_size: int) -> None:
         tree.check_heads(heads.config.num_heads)
@@ -53,9 +87,24 @@ class Speculator:
         return self.tree.depth
 
     def should_speculate(self, decoding: int) -> bool:
-        """Whether a step with `decoding` decode sequences should verify drafts: verification rows cost more
-        as the batch grows, so beyond `max_batch_size` a step runs plain decoding."""
-        return 0 < decoding <= self.max_batch_size
+        """Whether a step with `decoding` decode sequences should verify drafts.
+
+        Speculation pays when the tokens it emits per sequence-step (measured, `expected_tokens`) outweigh
+        what the extra verification rows cost (measured at start: `cost`). Past `max_batch_size` it is off.
+        """
+        if not 0 < decoding <= self.max_batch_size:
+            return False
+        if self.cost is None:
+            return True
+        rows = decoding * (1 + self.tree.size)
+        return self.expected_tokens() * self.cost.seconds(decoding) > self.cost.seconds(rows)
+
+    def expected_tokens(self) -> float:
+        """Tokens per sequence-step with drafts: measured once enough steps were verified, else a prior."""
+        stats = self.stats
+        if stats.verified_sequences < 32:
+            return PRIOR_TOKENS_PER_STEP
+        return stats.mean_tokens_per_step
 
     @torch.inference_mode()
     def draft(self, hidden: torch.Tensor, seqs: list) -> list[list[int]]:
