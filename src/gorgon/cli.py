@@ -166,6 +166,23 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return run_distill(args, engine_factory=lambda: _load_engine(args))
 
 
+def cmd_adapter_info(args: argparse.Namespace) -> int:
+    from gorgon.adapters.info import format_adapter_info
+    from gorgon.adapters.medusa_io import inspect_adapter
+    from gorgon.adapters.source import resolve_adapter_dir
+
+    path = resolve_adapter_dir(args.adapter_id, args.adapter_source)
+    model = {}
+    if args.model_id is not None:
+        from gorgon.models.loader import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.model_id, args.revision)
+        cfg = ckpt.config
+        model = {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "model_id": ckpt.model_id}
+    sys.stdout.write(format_adapter_info(inspect_adapter(path, **model)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gorgon", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -199,15 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=int, default=8, help="number of chat prompts")
     bench.add_argument("--output", default="bench-results/bench.json")
     bench.add_argument("--skip-hf", action="store_true")
+    bench.add_argument("--prompt-set", default="chat", choices=["chat", "code"])
+    _add_speculation_args(bench)  # with an adapter or n-gram tokens: speculation mode (with vs without)
     bench.set_defaults(func=cmd_bench)
 
     from gorgon.training.distill import add_arguments as add_distill_arguments
 
-    distill = sub.add_parser("distill", help="self-distillation data: replay or synthesize chats with the model")
+    distill = sub.add_parser("distill", help="self-distillation data: the model answers (or writes) chats")
     _add_model_args(distill)
     _add_limit_args(distill)
     add_distill_arguments(distill)
     distill.set_defaults(func=cmd_distill)
+
+    adapter = sub.add_parser("adapter", help="inspect adapters")
+    adapter_sub = adapter.add_subparsers(dest="adapter_command", required=True)
+    info = adapter_sub.add_parser("info", help="what an adapter is and whether it fits a model")
+    info.add_argument("adapter_id", metavar="ID", help="hub id or local directory")
+    info.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
+    info.add_argument("--model-id", default=None, help="check the adapter against this model")
+    info.add_argument("--revision", default=None, help="the model's revision")
+    info.set_defaults(func=cmd_adapter_info)
     return parser
 
 

@@ -18,3 +18,25 @@ CHAT_PROMPTS = [
     "What are the pros and cons of electric cars?",
     "Explain recursion to a beginner programmer with an example.",
 ]
+
+# Coding prompts for speed benchmarks of code adapters: written for Gorgon, never used for training.
+CODE_PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "Implement binary search in Python and explain its complexity.",
+    "Write a Python class for a stack with push, pop and peek methods.",
+    "Write a function that counts the words in a text file in Python.",
+    "Write a Python function that checks whether a number is prime.",
+    "Write a JavaScript function that debounces another function.",
+    "Write a SQL query that returns the ten customers with the highest total order value.",
+    "Write a Python function that flattens a nested list.",
+    "Write a Python function that removes duplicates from a list while keeping the order.",
+    "Implement quicksort in Python.",
+    "Write a Python function that parses a CSV line with quoted fields.",
+    "Write a bash script that renames all .txt files in a folder to .md.",
+    "Write a Python function that computes the greatest common divisor of two numbers.",
+    "Write a Python generator that yields the lines of a file in reverse order.",
+    "Write a Python function that converts a Roman numeral to an integer.",
+]
+
+PROMPT_SETS = {"chat": CHAT_PROMPTS, "code": CODE_PROMPTS}

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gorgon.bench.prompts import CHAT_PROMPTS
-from gorgon.config import EngineConfig
+from gorgon.bench.prompts import CHAT_PROMPTS, PROMPT_SETS
+from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.engine.llm_engine import LLMEngine
+from gorgon.engine.speculation import build_speculator
 from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams
 from gorgon.models.factory import build_model, resolve_device, resolve_dtype
 
@@ -29,14 +30,15 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _request(ids: list[int], max_new: int) -> GenerationRequest:
+def _request(ids: list[int], max_new: int, ignore_eos: bool = True) -> GenerationRequest:
     # ignore_eos: every run generates exactly max_new tokens, so engines are compared on equal work.
-    return GenerationRequest(
-        ids, SamplingParams(), StoppingParams(max_new_tokens=max_new, ignore_eos_token=True)
-    )
+    stopping = StoppingParams(max_new_tokens=max_new, ignore_eos_token=ignore_eos)
+    return GenerationRequest(ids, SamplingParams(), stopping)
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], max_new: int, concurrency: int) -> dict:
+def run_engine(
+    engine: LLMEngine, prompts: list[list[int]], max_new: int, concurrency: int, ignore_eos: bool = True
+) -> dict:
     """Run `prompts` through the engine, `concurrency` at a time. Returns tokens/s and the outputs."""
     results: dict[int, list[int]] = {}
     tokens = 0
@@ -60,7 +62,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_new: int, concur
     while pending or in_flight:
         while pending and in_flight < concurrency:
             i, ids = pending.pop(0)
-            engine.add_request(_request(ids, max_new), sink_for(i))
+            engine.add_request(_request(ids, max_new, ignore_eos), sink_for(i))
             in_flight += 1
         engine.step()
     bar.close()
@@ -123,11 +125,57 @@ def bench_dtype(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
     return row
 
 
+def bench_speculation(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
+    """The same prompts with and without speculation, in one run: speed, acceptance, identical outputs."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(dtype_name, device)
+    eos = set(ckpt.config.eos_token_ids)
+    prompts = [chat_ids(ckpt.tokenizer, p) for p in PROMPT_SETS[args.prompt_set][: args.prompts]]
+    model = build_model(ckpt, dtype, device)
+    spec_config = SpeculationConfig(
+        adapter_id=args.adapter_id,
+        adapter_source=args.adapter_source,
+        medusa_tree=args.medusa_tree,
+        speculative_tokens=args.speculative_tokens,
+        max_batch_size=args.speculation_max_batch_size,
+    )
+    speculator = build_speculator(spec_config, model, ckpt.model_id, dtype, device)
+    plain = LLMEngine(model, ckpt.tokenizer, EngineConfig(), dtype, device, eos)
+    fast = LLMEngine(model, ckpt.tokenizer, EngineConfig(), dtype, device, eos, speculator)
+    for engine in (plain, fast):
+        run_engine(engine, prompts[:1], 8, 1)  # warm-up
+    # Greedy decoding stops at EOS here: acceptance is measured on the model's real answers.
+    results = {}
+    for name, engine in (("plain", plain), ("speculative", fast)):
+        results[name] = {
+            "single": run_engine(engine, prompts, args.max_new_tokens, 1, ignore_eos=False),
+            "batch": run_engine(engine, prompts, args.max_new_tokens, args.concurrency, ignore_eos=False),
+        }
+    stats = speculator.stats
+    p, f = results["plain"], results["speculative"]
+    return {
+        "dtype": dtype_name,
+        "prompt_set": args.prompt_set,
+        "tree_nodes": speculator.tree.size,
+        "plain_single_tok_s": p["single"]["tok_s"],
+        "spec_single_tok_s": f["single"]["tok_s"],
+        "single_speedup": f["single"]["tok_s"] / p["single"]["tok_s"],
+        f"plain_x{args.concurrency}_tok_s": p["batch"]["tok_s"],
+        f"spec_x{args.concurrency}_tok_s": f["batch"]["tok_s"],
+        f"x{args.concurrency}_speedup": f["batch"]["tok_s"] / p["batch"]["tok_s"],
+        "mean_tokens_per_step": stats.mean_tokens_per_step,
+        "head_acceptance": ", ".join(f"{a:.2f}" for a in stats.head_acceptance()),
+        "steps_with_drafts": f"{stats.steps_on}/{stats.steps_on + stats.steps_off}",
+        "greedy_outputs_identical": p["single"]["outputs"] == f["single"]["outputs"] == f["batch"]["outputs"],
+    }
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from gorgon.models.loader import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.model_id, args.revision)
-    rows = [bench_dtype(ckpt, d.strip(), args) for d in args.dtypes.split(",")]
+    bench = bench_speculation if (args.adapter_id or args.speculative_tokens) else bench_dtype
+    rows = [bench(ckpt, d.strip(), args) for d in args.dtypes.split(",")]
     report = {
         "model": ckpt.model_id,
         "max_new_tokens": args.max_new_tokens,
