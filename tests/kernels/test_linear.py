@@ -80,3 +80,10 @@ def test_blas_fallback_is_row_stable_at_its_padding(monkeypatch, dtype):
         for m in (1, 2, 3, 5, 8, 13, 64):
             y = padded(x[:m])
             assert all(torch.equal(y[i], ref[i]) for i in range(m))
+
+
+def test_frozen_layer_still_passes_gradients_to_its_input():
+    layer = _layer(8, 16, torch.float32, bias=False)  # frozen (requires_grad False), like a served lm_head
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -58,7 +58,8 @@ class InvariantLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        training = torch.is_grad_enabled() and w.requires_grad
+        # Under autograd (training heads through a frozen lm_head too) the kernel has no backward: F.linear.
+        training = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
         if training or not self.use_kernel or not kernel_available(w.dtype, w.device):
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w.dtype, _version(w))
