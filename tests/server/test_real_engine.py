@@ -147,3 +147,18 @@ def test_request_disconnect_aborts(real_url, real_engine):
         httpx.post(f"{real_url}/generate", json={"inputs": "Hi", "parameters": LONG}, timeout=0.5)
     assert wait_until(lambda: idle(real_engine), timeout=5)
     assert real_engine.stats().generated_tokens - before < 3000
+
+
+def test_unusable_adapter_fails_the_request_alone(real_url, tmp_path):
+    body = {
+        "inputs": "Hello",
+        "parameters": {"max_new_tokens": 3, "adapter_id": str(tmp_path), "adapter_source": "local"},
+    }
+    r = httpx.post(f"{real_url}/generate", json=body, timeout=30)
+    assert r.status_code == 424
+    assert r.json()["error_type"] == "generation"
+    assert r.json()["error"].startswith("Request failed during generation:")
+    ok = httpx.post(
+        f"{real_url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30
+    )
+    assert ok.status_code == 200

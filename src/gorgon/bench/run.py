@@ -16,8 +16,8 @@ from tqdm import tqdm
 from gorgon.bench.prompts import CHAT_PROMPTS, PROMPT_SETS
 from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.engine.llm_engine import LLMEngine
-from gorgon.engine.speculation import build_speculator
 from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams
+from gorgon.engine.speculation import build_speculator
 from gorgon.models.factory import build_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gorgon.adapters.registry import AdapterRegistry
 from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.engine.llm_engine import LLMEngine, Output
 from gorgon.engine.request import ErrorOutput, FinalOutput, GenerationRequest
-from gorgon.engine.speculation import build_speculator
-from gorgon.errors import IncompleteGenerationError, OverloadedError
+from gorgon.engine.speculation import build_speculator, per_request_medusa_loader
+from gorgon.errors import GenerationError, IncompleteGenerationError, OverloadedError
 from gorgon.models.factory import build_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class AsyncEngine:
         self._stopping = False
         self._fatal: BaseException | None = None
         self.adapter_id: str | None = None  # the default adapter, if any
+        self.adapters: AdapterRegistry | None = None  # adapters named by requests
 
     @classmethod
     def from_pretrained(
@@ -76,6 +78,9 @@ class AsyncEngine:
         llm = LLMEngine(model, ckpt.tokenizer, config, dt, dev, eos, speculator)
         engine = cls(llm, ckpt.model_id)
         engine.adapter_id = (speculation.adapter_id if speculation else None) or None
+        engine.adapters = AdapterRegistry(
+            per_request_medusa_loader(speculator, model, ckpt.model_id, dt, dev)
+        )
         return engine
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -120,14 +125,18 @@ class AsyncEngine:
         if self._in_flight >= self.config.max_concurrent_requests:
             raise OverloadedError()
         self._in_flight += 1
+        try:
+            medusa = await self._request_adapter(request)
+        except BaseException:
+            self._in_flight -= 1
+            raise
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
         seq_id = next(self._ids)
         finished = False
         try:
-            self._post(
-                ("add", seq_id, request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
-            )
+            sink = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+            self._post(("add", seq_id, request, sink, medusa))
             while True:
                 out = await outputs.get()
                 yield out
@@ -138,6 +147,17 @@ class AsyncEngine:
             self._in_flight -= 1
             if not finished:  # the consumer went away (client disconnect): free the slot and its KV
                 self._post(("abort", seq_id))
+
+    async def _request_adapter(self, request: GenerationRequest):
+        """The request's own adapter, loaded (once, off the generation loop) and checked; None for the
+        server's default. Raises GenerationError (424) when it cannot be used."""
+        if not request.adapter_id or request.adapter_id == self.adapter_id:
+            return None
+        if self.adapters is None:
+            raise GenerationError(
+                f"adapter {request.adapter_id!r}: this server loads no adapters per request"
+            )
+        return await self.adapters.get(request.adapter_id, request.adapter_source, request.api_token)
 
     def _post(self, item: tuple) -> None:
         self._inbox.put(item)
@@ -150,8 +170,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if item[0] == "add":
-                _, seq_id, request, sink = item
-                self.engine.add_request(request, sink, seq_id=seq_id)
+                _, seq_id, request, sink, medusa = item
+                self.engine.add_request(request, sink, seq_id=seq_id, medusa=medusa)
             else:
                 self.engine.abort(item[1])
 

@@ -77,11 +77,14 @@ class LLMEngine:
         self.last_batch_size = 0
 
     # --- requests in and out -------------------------------------------------------------------------
-    def add_request(self, request: GenerationRequest, sink: Sink, seq_id: int | None = None) -> int:
+    def add_request(
+        self, request: GenerationRequest, sink: Sink, seq_id: int | None = None, medusa=None
+    ) -> int:
+        """`medusa`: the request's own (already loaded, already checked) Medusa heads."""
         seed = request.sampling.seed
         if seed is None:
             seed = secrets.randbits(63)
-        seq = Sequence(request=request, seed=seed)
+        seq = Sequence(request=request, seed=seed, medusa=medusa)
         if seq_id is not None:
             seq.seq_id = seq_id
         detok = IncrementalDetokenizer(self.tokenizer, list(request.prompt_ids))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from gorgon.engine.request import GenerationRequest, PrefillToken, TokenOutput
 
@@ -29,6 +30,7 @@ class Sequence:
     # Scratch slots for the candidate tree's nodes; an accepted node's slot is swapped into `slots`.
     node_slots: list[int] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)  # candidate tree tokens for the next step (may be empty)
+    medusa: Any = None  # the request's own Medusa heads (None: the server's default speculator)
     outputs: list[TokenOutput] = field(default_factory=list)
     prefill: list[PrefillToken] = field(default_factory=list)
     skipped_tokens: int = 0

@@ -110,14 +110,24 @@ class Speculator:
     def draft(self, hidden: torch.Tensor, seqs: list) -> list[list[int]]:
         """hidden [N, H]: each sequence's last accepted row (`seqs`, whose last token is the tree's root)
         -> N candidate trees' node tokens."""
-        logits = self.heads.logits(hidden, self.lm_head)[:, : self.tree.depth]  # (N, depth, V)
-        guesses = logits.topk(self.tree.top_k, dim=-1).indices.tolist()  # (N, depth, top_k)
-        return [self.tree.node_tokens(g) for g in guesses]
+        trees: list[list[int]] = [[] for _ in seqs]
+        groups: dict[int, list[int]] = {}  # sequences by their heads (a request may name its own)
+        for i, seq in enumerate(seqs):
+            groups.setdefault(id(seq.medusa or self.heads), []).append(i)
+        for members in groups.values():
+            heads = seqs[members[0]].medusa or self.heads
+            logits = heads.logits(hidden[members], self.lm_head)[:, : self.tree.depth]  # (n, depth, V)
+            guesses = logits.topk(self.tree.top_k, dim=-1).indices.tolist()  # (n, depth, top_k)
+            for i, g in zip(members, guesses):
+                trees[i] = self.tree.node_tokens(g)
+        return trees
 
 
 class NgramSpeculator(Speculator):
     """Prompt lookup (LoRAX's `--speculative-tokens` without a Medusa adapter): find the latest earlier
     occurrence of the sequence's last n tokens (longest n first) and propose what followed it."""
+
+    heads = None
 
     def __init__(self, num_tokens: int, max_batch_size: int, max_ngram: int = 3) -> None:
         if num_tokens < 1:
@@ -191,3 +201,33 @@ def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, devic
         log.info("speculating with n-gram lookup, %d tokens", spec.speculative_tokens)
         return NgramSpeculator(spec.speculative_tokens, spec.max_batch_size)
     return None
+
+
+def per_request_medusa_loader(speculator: Speculator | None, model, model_id: str, dtype, device):
+    """What loads a request's own Medusa adapter (in a worker thread), enforcing LoRAX's rules: a default
+    Medusa adapter exists, the requested one is v2, with the same number of heads."""
+    from gorgon.adapters.medusa import check_per_request
+    from gorgon.adapters.medusa_io import is_medusa_dir, load_medusa_adapter
+    from gorgon.adapters.source import resolve_adapter_dir
+
+    default = speculator.heads.config if isinstance(speculator, Speculator) and speculator.heads else None
+
+    def load(adapter_id: str, source: str, api_token: str | None):
+        path = resolve_adapter_dir(adapter_id, source, api_token=api_token)
+        if not is_medusa_dir(path):
+            if (path / "adapter_config.json").is_file():
+                raise ValueError("LoRA adapters are not served yet; this server serves Medusa adapters only")
+            raise ValueError("not a Medusa adapter (no config.json with medusa_num_heads)")
+        cfg = model.config
+        heads = load_medusa_adapter(
+            path,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            dtype=dtype,
+            device=device,
+            model_id=model_id,
+        )
+        check_per_request(heads.config, default)
+        return heads
+
+    return load

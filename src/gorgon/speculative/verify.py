@@ -22,7 +22,9 @@ def accept(tree: CandidateTree, node_tokens: list[int], targets: list[int]) -> l
     while True:
         target = targets[row]
         # A draft may fill only the first nodes of the tree (n-gram drafts can run short).
-        child = next((c for c in tree.children[row] if c < len(node_tokens) and node_tokens[c] == target), None)
+        child = next(
+            (c for c in tree.children[row] if c < len(node_tokens) and node_tokens[c] == target), None
+        )
         if child is None:
             return path
         path.append(child)
