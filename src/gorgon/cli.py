@@ -154,6 +154,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune_tree(args: argparse.Namespace) -> int:
+    from gorgon.speculative.tune import run_tune_tree
+
+    return run_tune_tree(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gorgon.bench.run import run_bench
 
@@ -227,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_args(distill)
     add_distill_arguments(distill)
     distill.set_defaults(func=cmd_distill)
+
+    tune = sub.add_parser("tune-tree", help="the Medusa tree with the most expected tokens/s on this machine")
+    _add_model_args(tune)
+    tune.add_argument("--adapter-id", required=True)
+    tune.add_argument("--adapter-source", default="local", choices=["hub", "local"])
+    tune.add_argument(
+        "--prompts-file", required=True, help="JSON list of prompts (or message lists); not benchmark prompts"
+    )
+    tune.add_argument("--prompts", type=int, default=32)
+    tune.add_argument("--max-new-tokens", type=int, default=128)
+    tune.add_argument("--top-k", type=int, default=4)
+    tune.add_argument("--max-nodes", type=int, default=32)
+    tune.add_argument(
+        "--output", default=None, help="where to write the tree (default: the adapter's gorgon_tree.json)"
+    )
+    tune.set_defaults(func=cmd_tune_tree)
 
     adapter = sub.add_parser("adapter", help="inspect adapters")
     adapter_sub = adapter.add_subparsers(dest="adapter_command", required=True)

@@ -14,21 +14,21 @@ from gorgon.speculative.tree import CandidateTree
 
 
 def accept(tree: CandidateTree, node_tokens: list[int], targets: list[int]) -> list[int]:
-    """The accepted path (node indices, root excluded), greedily longest: at each row, the child whose token
-    equals the row's target (children are tried in path order; tokens of siblings are distinct in practice,
-    and when they are not, the first wins, which changes nothing that is emitted)."""
-    path: list[int] = []
-    row = 0
-    while True:
-        target = targets[row]
-        # A draft may fill only the first nodes of the tree (n-gram drafts can run short).
-        child = next(
-            (c for c in tree.children[row] if c < len(node_tokens) and node_tokens[c] == target), None
-        )
-        if child is None:
-            return path
-        path.append(child)
-        row = child + 1
+    """The longest accepted path (node indices, root excluded): every node's token equals its parent row's
+    target. Siblings hold distinct tokens in practice (distinct top-k ranks of one head); should two be
+    equal, both subtrees are searched and the first longest path wins."""
+
+    def longest(row: int) -> list[int]:
+        best: list[int] = []
+        for child in tree.children[row]:
+            # A draft may fill only the first nodes of the tree (n-gram drafts can run short).
+            if child < len(node_tokens) and node_tokens[child] == targets[row]:
+                path = [child, *longest(child + 1)]
+                if len(path) > len(best):
+                    best = path
+        return best
+
+    return longest(0)
 
 
 def emitted_tokens(path: list[int], targets: list[int]) -> list[int]:
