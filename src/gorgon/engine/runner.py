@@ -41,8 +41,11 @@ class ModelRunner:
         self.device = device
         # Without batch invariance (only to measure what it costs): plain BLAS, no row padding.
         self.rows = row_multiple(dtype, device) if batch_invariant else 1
-        self.attention_kernel = batch_invariant and attention_kernel_available(
-            cache.layers[0][0].dtype, device
+        # Attention, rotary and norm kernels need a float32 cache and a bfloat16/float32 model.
+        self.attention_kernel = (
+            batch_invariant
+            and dtype in (torch.bfloat16, torch.float32)
+            and attention_kernel_available(cache.layers[0][0].dtype, device)
         )
         for module in model.modules():
             if isinstance(module, InvariantLinear):

@@ -6,8 +6,14 @@ torch::Tensor invariant_linear(torch::Tensor x, torch::Tensor packed, int64_t N,
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor row_seq,
                               torch::Tensor row_pos, torch::Tensor slot_table, int64_t window, double scale);
 
+torch::Tensor add_rms_norm(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor weight, double eps);
+torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                         torch::Tensor v_cache, torch::Tensor slots, int64_t nh, int64_t nkv, int64_t d);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "pack a [N, K] weight into the linear kernel's tile layout");
   m.def("invariant_linear", &invariant_linear, "batch-invariant linear on a packed weight (AVX-512)");
+  m.def("add_rms_norm", &add_rms_norm, "residual += x; RMSNorm(residual) * weight (per row)");
+  m.def("rope_store", &rope_store, "rotary q/k from a fused qkv row, k/v written to the cache");
   m.def("paged_attention", &paged_attention, "batch-invariant paged attention, float32 (AVX-512)");
 }

@@ -14,7 +14,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / "cpu_linear.cpp", _HERE / "cpu_attention.cpp", _HERE / "bindings.cpp"]
+SOURCES = [_HERE / n for n in ("cpu_linear.cpp", "cpu_attention.cpp", "cpu_fused.cpp", "bindings.cpp")]
 # -fopenmp: at::parallel_for is header code that only spreads work over threads when built with OpenMP.
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}

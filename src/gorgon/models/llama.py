@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gorgon.config import ModelConfig
+from gorgon.kernels.build import cpu_extension
 from gorgon.kernels.linear import InvariantLinear as Linear
 from gorgon.models.attention import AttentionMetadata, paged_attention
 from gorgon.models.rope import RotaryEmbedding, apply_rotary
@@ -27,6 +28,17 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def add_norm(
+    x: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x, then norm(residual). Returns (normed, residual); the fused kernel updates in place."""
+    if fused:
+        return cpu_extension().add_rms_norm(x, residual, norm.weight, norm.eps), residual
+    if x is not None:
+        residual = residual + x
+    return norm(residual), residual
 
 
 class Attention(nn.Module):
@@ -47,13 +59,16 @@ class Attention(nn.Module):
         T = x.shape[0]
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x)
-        # q and k sit side by side in the fused projection: one rotary call serves both (float32 out).
-        qk = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), *cos_sin)
-        q, k = qk[:, :nh], qk[:, nh:]
-        v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
         k_cache, v_cache = kv
-        k_cache[meta.write_slots] = k.to(k_cache.dtype)
-        v_cache[meta.write_slots] = v.to(v_cache.dtype)
+        if meta.use_kernel:  # rotary q/k, float32 q, k/v into the cache: one fused call
+            q = cpu_extension().rope_store(qkv, *cos_sin, k_cache, v_cache, meta.write_slots, nh, nkv, d)
+        else:
+            # q and k sit side by side in the fused projection: one rotary call serves both (float32 out).
+            qk = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), *cos_sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+            v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
+            k_cache[meta.write_slots] = k.to(k_cache.dtype)
+            v_cache[meta.write_slots] = v.to(v_cache.dtype)
         out = paged_attention(q, k_cache, v_cache, meta)  # (T, nh, d) float32
         return self.o_proj(out.reshape(T, nh * d).to(x.dtype))
 
@@ -78,9 +93,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos_sin, kv, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h, residual, cos_sin, kv, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: this layer's normed input. Returns (the MLP's output, the residual stream); the next norm adds
+        the former to the latter (fused with it on the kernel path)."""
+        attn = self.self_attn(h, cos_sin, kv, meta)
+        h, residual = add_norm(attn, residual, self.post_attention_layernorm, meta.use_kernel)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -103,11 +121,15 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (after the last norm): what feeds lm_head."""
-        x = self.embed_tokens(input_ids)
+        fused = meta.use_kernel
+        residual = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions)
-        for layer, kv in zip(self.layers, kv_cache):
-            x = layer(x, cos_sin, kv, meta)
-        return self.norm(x)
+        h, residual = add_norm(None, residual, self.layers[0].input_layernorm, fused)
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, kv, next_norm in zip(self.layers, kv_cache, norms):
+            out, residual = layer(h, residual, cos_sin, kv, meta)
+            h, residual = add_norm(out, residual, next_norm, fused)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

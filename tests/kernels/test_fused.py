@@ -1,0 +1,47 @@
+"""Fused norm and rotary kernels against the PyTorch path they replace."""
+
+import pytest
+import torch
+
+from gorgon.config import RopeConfig
+from gorgon.kernels.build import cpu_extension
+from gorgon.models.llama import RMSNorm
+from gorgon.models.rope import RotaryEmbedding, apply_rotary
+
+pytestmark = pytest.mark.skipif(cpu_extension() is None, reason="CPU lacks AVX-512 kernels")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm(dtype):
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, residual = torch.randn(7, 96).to(dtype), torch.randn(7, 96).to(dtype)
+    expected_residual = residual + x
+    expected = norm(expected_residual)
+    got = cpu_extension().add_rms_norm(x, residual, norm.weight, norm.eps)
+    assert torch.equal(residual, expected_residual)  # updated in place, rounded as the model dtype rounds
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got.float(), expected.float(), **tol)
+    rows = [
+        cpu_extension().add_rms_norm(None, expected_residual[i : i + 1].clone(), norm.weight, norm.eps)
+        for i in range(7)
+    ]
+    assert torch.equal(
+        torch.cat(rows), cpu_extension().add_rms_norm(None, expected_residual.clone(), norm.weight, norm.eps)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store(dtype):
+    nh, nkv, d, T = 4, 2, 16, 5
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), d)
+    cos, sin = rotary.cos_sin(torch.tensor([0, 3, 17, 100, 511]))
+    qkv = torch.randn(T, (nh + 2 * nkv) * d).to(dtype)
+    k_cache, v_cache = torch.zeros(20, nkv, d), torch.zeros(20, nkv, d)
+    slots = torch.tensor([4, 9, 2, 11, 7])
+    q = cpu_extension().rope_store(qkv, cos, sin, k_cache, v_cache, slots, nh, nkv, d)
+    ref = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), cos, sin)
+    torch.testing.assert_close(q, ref[:, :nh], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache[slots], ref[:, nh:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(v_cache[slots], qkv[:, (nh + nkv) * d :].view(T, nkv, d).float())
