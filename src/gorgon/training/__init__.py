@@ -1,0 +1,1 @@
+"""Training data and training: self-distillation (`gorgon distill`), Magpie synthesis."""

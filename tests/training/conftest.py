@@ -1,0 +1,163 @@
+"""Fixtures for the distillation tests: a fake OpenAI-compatible server with scripted failures, live on a free
+port, and a tiny real engine (random Llama, tiny tokenizer) for the in-process backend."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from helpers import build_tiny_tokenizer, tiny_hf_model
+
+from gorgon.config import EngineConfig
+
+# Magic words in a user message that make the fake server misbehave.
+FLAKY = "FLAKY"  # HTTP 500 for the first `flaky_failures` calls carrying it, then fine
+BROKEN = "BROKEN"  # HTTP 500, always
+REFUSED = "REFUSED"  # HTTP 422 (a permanent error), always
+LONG = "LONG"  # answered, but cut at max tokens (finish_reason "length")
+
+
+@contextlib.contextmanager
+def serve(app, timeout: float = 20.0) -> Iterator[str]:
+    """Run `app` under uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port first
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+def fake_answer(messages: list[dict]) -> str:
+    """What the fake model says: which user turn this is, what it answers, and how many assistant turns
+    (and which) it was shown, so tests can check the context it got."""
+    last = messages[-1]["content"]
+    seen = [m["content"] for m in messages if m["role"] == "assistant"]
+    return f"reply {len(seen) + 1} to <{last}> after {seen}"
+
+
+@dataclass
+class FakeOpenAI:
+    flaky_failures: int = 2
+    completions: list[str] = field(default_factory=list)  # scripted /v1/completions texts, in turn
+    chat_calls: Counter = field(default_factory=Counter)  # by last user message
+    requests: list[dict] = field(default_factory=list)
+    completion_calls: int = 0
+    completion_finish: dict[int, str] = field(default_factory=dict)  # call index -> finish_reason
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            last = body["messages"][-1]["content"]
+            self.chat_calls[last] += 1
+            if BROKEN in last or (FLAKY in last and self.chat_calls[last] <= self.flaky_failures):
+                return JSONResponse({"error": "boom", "error_type": "generation"}, status_code=500)
+            if REFUSED in last:
+                return JSONResponse({"error": "too long", "error_type": "validation"}, status_code=422)
+            text = fake_answer(body["messages"])
+            return {
+                "id": "x",
+                "object": "chat.completion",
+                "model": body.get("model") or "fake",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "length" if LONG in last else "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            }
+
+        @app.post("/v1/completions")
+        async def complete(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            i = self.completion_calls
+            self.completion_calls += 1
+            text = self.completions[i % len(self.completions)] if self.completions else "hello"
+            return {
+                "id": "y",
+                "object": "text_completion",
+                "model": "fake",
+                "choices": [
+                    {"index": 0, "text": text, "finish_reason": self.completion_finish.get(i, "stop")}
+                ],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
+            }
+
+        return app
+
+
+@pytest.fixture
+def fake_openai() -> FakeOpenAI:
+    return FakeOpenAI()
+
+
+@pytest.fixture
+def fake_url(fake_openai) -> Iterator[str]:
+    with serve(fake_openai.app()) as url:
+        yield url
+
+
+TINY_CONFIG = EngineConfig(
+    max_input_length=200,
+    max_total_tokens=256,
+    max_batch_total_tokens=2048,
+    max_concurrent_requests=8,
+    max_stop_sequences=4,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the tiny tokenizer (and its chat template), saved to a directory."""
+    path = tmp_path_factory.mktemp("tiny_llama_distill")
+    tok = build_tiny_tokenizer(path)
+    model = tiny_hf_model(
+        "llama",
+        vocab_size=len(tok),
+        max_position_embeddings=TINY_CONFIG.max_total_tokens,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    from gorgon.engine.engine import AsyncEngine
+
+    engine = AsyncEngine.from_pretrained(
+        str(tiny_model_dir), dtype="float32", device="cpu", engine_config=TINY_CONFIG
+    )
+    engine.start()
+    yield engine
+    engine.shutdown()
