@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.errors import GorgonError
@@ -52,6 +53,11 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
         default=32,
         help="decode steps with more sequences run without drafts",
     )
+    p.add_argument(
+        "--no-default-adapter",
+        action="store_true",
+        help="with the embedded model: do not speculate with its shipped Medusa adapter",
+    )
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -67,9 +73,20 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _speculation_config(args: argparse.Namespace) -> SpeculationConfig:
+    adapter_id = getattr(args, "adapter_id", None)
+    source = getattr(args, "adapter_source", "hub")
+    wants_default = not getattr(args, "no_default_adapter", False) and not getattr(
+        args, "speculative_tokens", 0
+    )
+    if adapter_id is None and args.model_id is None and wants_default:
+        from gorgon.adapters.shipped import default_adapter_dir
+
+        shipped = default_adapter_dir()  # the Medusa adapter shipped for the embedded model, if any
+        if shipped is not None:
+            adapter_id, source = str(shipped), "local"
     return SpeculationConfig(
-        adapter_id=getattr(args, "adapter_id", None),
-        adapter_source=getattr(args, "adapter_source", "hub"),
+        adapter_id=adapter_id,
+        adapter_source=source,
         medusa_tree=getattr(args, "medusa_tree", None),
         speculative_tokens=getattr(args, "speculative_tokens", 0),
         max_batch_size=getattr(args, "speculation_max_batch_size", 32),
@@ -189,6 +206,33 @@ def cmd_adapter_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from gorgon.train import main as train_main
+
+    return train_main(args.train_argv)  # HfArgumentParser reads them: the Medusa reference command as is
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gorgon.adapters import medusa_io as mio
+    from gorgon.training.features import base_lm_head_weight
+
+    adapter = Path(args.adapter_dir)
+    config = mio.read_medusa_config(adapter)
+    specs = mio.read_specs(mio.medusa_weight_files(adapter))
+    layout, _ = mio.detect_layout(
+        {n: s.shape for n, s in specs.items() if mio.MEDUSA_KEY.match(n)}, config, adapter
+    )
+    weight = None
+    if not layout.own_lm_heads:  # v2 heads go through the base lm_head: vLLM's format carries a copy
+        base = args.model_id or config.get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter} names no base model: pass --model-id (v2 heads need its lm_head).")
+        weight = base_lm_head_weight(base, args.revision)
+    mio.export_vllm(adapter, Path(args.output_dir), weight)
+    log.info("wrote vLLM's Medusa format to %s", args.output_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gorgon", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -258,11 +302,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model-id", default=None, help="check the adapter against this model")
     info.add_argument("--revision", default=None, help="the model's revision")
     info.set_defaults(func=cmd_adapter_info)
+
+    # Everything after `train` goes to HfArgumentParser (main() hands it on; `gorgon train --help` lists it).
+    train = sub.add_parser(
+        "train", help="train Medusa heads (HF TrainingArguments; see --help)", add_help=False
+    )
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="write a Medusa adapter in another server's format")
+    export.add_argument("--format", required=True, choices=["vllm"])
+    export.add_argument("adapter_dir", metavar="DIR", help="Medusa adapter directory")
+    export.add_argument("output_dir", metavar="OUT")
+    export.add_argument(
+        "--model-id", default=None, help="base model (default: the adapter's base_model_name_or_path)"
+    )
+    export.add_argument("--revision", default=None, help="the base model's revision")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.func is cmd_train:
+        args.train_argv = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
