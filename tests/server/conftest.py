@@ -3,29 +3,15 @@ comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
-from helpers import build_tiny_tokenizer
+from helpers import SMALL_CONFIG, build_tiny_tokenizer, serve
 
 from gorgon.config import EngineConfig
 from gorgon.server.app import create_app
-
-SMALL_CONFIG = EngineConfig(
-    max_input_length=64,
-    max_total_tokens=128,
-    max_batch_total_tokens=1024,
-    max_concurrent_requests=8,
-    max_stop_sequences=3,
-    max_best_of=4,
-)
 
 
 @pytest.fixture
@@ -39,42 +25,10 @@ def client(fake_engine) -> Iterator[TestClient]:
         yield c
 
 
-@contextlib.contextmanager
-def serve(app, timeout: float = 20.0) -> Iterator[str]:
-    """Run `app` under uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port before uvicorn starts
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
-
-
 @pytest.fixture
 def live_url(fake_engine) -> Iterator[str]:
     with serve(create_app(fake_engine)) as url:
         yield url
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # Room for long generations (the disconnect tests need requests that would run for many seconds).

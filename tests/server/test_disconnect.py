@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import SMALL_CONFIG, serve, wait_until
 from fake_engine import FakeEngine
+from helpers import SMALL_CONFIG, serve, wait_until
 
 from gorgon.server.app import create_app
 

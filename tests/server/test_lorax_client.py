@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import serve
+from helpers import serve
 
 from gorgon.server.app import create_app
 

@@ -7,9 +7,9 @@ import json
 import time
 
 import httpx
-from conftest import SMALL_CONFIG, serve
 from fake_engine import FAIL_MIDWAY, MISSING_ADAPTER, FakeEngine
 from fastapi.testclient import TestClient
+from helpers import SMALL_CONFIG, serve
 
 from gorgon.engine.request import FinalOutput, TokenOutput
 from gorgon.server.app import create_app

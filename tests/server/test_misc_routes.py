@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SMALL_CONFIG
+from helpers import SMALL_CONFIG
 
 from gorgon.errors import OverloadedError
 from gorgon.server.stream import StopTextFilter, apply_stop_filter, error_event, sse

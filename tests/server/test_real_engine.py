@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 GREEDY = {"max_new_tokens": 16, "ignore_eos_token": True}
 

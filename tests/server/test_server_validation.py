@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SMALL_CONFIG
+from helpers import SMALL_CONFIG
 
 from gorgon.errors import ValidationError
 from gorgon.server.schemas import Parameters

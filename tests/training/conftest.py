@@ -3,60 +3,20 @@ port, and a tiny real engine (random Llama, tiny tokenizer) for the in-process b
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-import uvicorn
+from fake_openai import BROKEN, FLAKY, LONG, REFUSED, fake_answer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from helpers import build_tiny_tokenizer, tiny_hf_model
+from helpers import build_tiny_tokenizer, serve, tiny_hf_model
 
 from gorgon.config import EngineConfig
 
+
 # Magic words in a user message that make the fake server misbehave.
-FLAKY = "FLAKY"  # HTTP 500 for the first `flaky_failures` calls carrying it, then fine
-BROKEN = "BROKEN"  # HTTP 500, always
-REFUSED = "REFUSED"  # HTTP 422 (a permanent error), always
-LONG = "LONG"  # answered, but cut at max tokens (finish_reason "length")
-
-
-@contextlib.contextmanager
-def serve(app, timeout: float = 20.0) -> Iterator[str]:
-    """Run `app` under uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port first
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
-
-
-def fake_answer(messages: list[dict]) -> str:
-    """What the fake model says: which user turn this is, what it answers, and how many assistant turns
-    (and which) it was shown, so tests can check the context it got."""
-    last = messages[-1]["content"]
-    seen = [m["content"] for m in messages if m["role"] == "assistant"]
-    return f"reply {len(seen) + 1} to <{last}> after {seen}"
-
-
 @dataclass
 class FakeOpenAI:
     flaky_failures: int = 2

@@ -110,7 +110,7 @@ def test_cli_in_process(tiny_model_dir, tmp_path):
 def test_gorgon_server_and_in_process_give_the_same_answers(tiny_engine):
     """Replaying over HTTP against Gorgon's own server equals replaying in-process (greedy), and its
     completions endpoint takes the Magpie request (prompt, stop, seed, temperature)."""
-    from conftest import serve
+    from helpers import serve
 
     from gorgon.server.app import create_app
     from gorgon.training.chat_backends import HttpChatBackend

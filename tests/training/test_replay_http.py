@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 
-from conftest import BROKEN, FLAKY, LONG, REFUSED, fake_answer
+from fake_openai import BROKEN, FLAKY, LONG, REFUSED, fake_answer
 
 from gorgon.cli import main
 from gorgon.training.chat_backends import HttpChatBackend, RetryPolicy, TransientError, call_with_retries
