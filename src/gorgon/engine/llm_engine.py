@@ -122,6 +122,11 @@ class LLMEngine:
         plan = self.scheduler.schedule(speculate=speculate)
         if plan is None:
             return
+        if speculate and self.speculator.heads is not None:
+            for chunk in plan.chunks:
+                heads = chunk.seq.medusa or self.speculator.heads
+                if chunk.samples and not heads.has_own_lm_heads:
+                    chunk.draft_heads = heads
         self.last_batch_size = len(plan.chunks)
         try:
             out = self.runner.run(plan)
@@ -134,14 +139,17 @@ class LLMEngine:
             chunk.seq.num_cached = chunk.end
             if chunk.want_all_logits:
                 self._record_prefill_logprobs(chunk, chunk_logits)
-        sampling = [(c, lg, h) for c, lg, h in zip(plan.chunks, out.logits, out.hidden) if c.samples]
+        drafts = out.draft_logits or [None] * len(plan.chunks)
+        sampling = [
+            (c, lg, h, d) for c, lg, h, d in zip(plan.chunks, out.logits, out.hidden, drafts) if c.samples
+        ]
         if sampling:
             self._sample_and_emit(sampling, speculate)
 
     def _sample_and_emit(self, sampling: list, speculate: bool) -> None:
         """Choose each sampling row's token, accept drafts, emit tokens, and draft the next trees."""
         rows, logits = [], []
-        for chunk, chunk_logits, _ in sampling:
+        for chunk, chunk_logits, _, _ in sampling:
             n = 1 + len(chunk.draft)
             rows += self._row_sampling(chunk)
             logits.append(chunk_logits[-n:])
@@ -149,7 +157,7 @@ class LLMEngine:
         tokens, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
         to_draft, hidden_rows = [], []
         offset = 0
-        for chunk, _, hidden in sampling:
+        for chunk, _, hidden, draft_logits in sampling:
             seq, n = chunk.seq, 1 + len(chunk.draft)
             targets = tokens[offset : offset + n]
             path = accept(self.speculator.tree, chunk.draft, targets) if chunk.draft else []
@@ -165,11 +173,16 @@ class LLMEngine:
                 if not self._append_token(seq, token, logprobs[i], alts, skipped=k > 0):
                     break
             offset += n
-            if speculate and seq.seq_id in self._live:
+            if not speculate or seq.seq_id not in self._live:
+                continue
+            if draft_logits is not None:  # the heads' logits came with this step's lm_head call
+                row = emit_rows[-1] if chunk.draft else 0
+                seq.next_draft = self.speculator.tree_from_logits(draft_logits[row])
+            else:
                 to_draft.append(seq)
                 hidden_rows.append(hidden[-n:][emit_rows[-1]])
         for seq in self.scheduler.running:
-            seq.draft = []
+            seq.draft, seq.next_draft = seq.next_draft, []
         if to_draft:
             for seq, draft in zip(to_draft, self.speculator.draft(torch.stack(hidden_rows), to_draft)):
                 seq.draft = draft

@@ -23,6 +23,8 @@ def _round_up(n: int, multiple: int) -> int:
 class StepOutput:
     logits: list[torch.Tensor]  # per chunk, [rows, vocab] float32
     hidden: list[torch.Tensor]  # per chunk, the same rows' final hidden states (what feeds lm_head)
+    # per chunk with draft heads: [rows it may draft from, depth, vocab] speculative logits, else None
+    draft_logits: list[torch.Tensor | None] | None = None
 
 
 class ModelRunner:
@@ -85,11 +87,38 @@ class ModelRunner:
 
         flat_rows = [r for rows in logit_rows for r in rows]
         n_logits = len(flat_rows)
-        padded_rows = flat_rows + [0] * (_round_up(n_logits, self.rows) - n_logits)
-        selected = hidden[torch.tensor(padded_rows, device=dev)]
-        logits = self.model.logits(selected)[:n_logits]
+        selected = hidden[torch.tensor(flat_rows, device=dev)]
         sizes = [len(r) for r in logit_rows]
-        return StepOutput(list(logits.split(sizes)), list(selected[:n_logits].split(sizes)))
+        head_rows, spans = self._draft_head_rows(plan, selected, sizes)
+        lm_input = torch.cat([selected, *head_rows]) if head_rows else selected
+        total_rows = lm_input.shape[0]
+        pad_rows = _round_up(total_rows, self.rows) - total_rows
+        if pad_rows:
+            lm_input = torch.cat([lm_input, lm_input.new_zeros(pad_rows, lm_input.shape[1])])
+        all_logits = self.model.logits(lm_input)
+        draft_logits: list[torch.Tensor | None] = [None] * len(plan.chunks)
+        for index, start, rows, depth in spans:
+            draft_logits[index] = all_logits[start : start + rows * depth].view(rows, depth, -1)
+        logits = all_logits[:n_logits]
+        return StepOutput(list(logits.split(sizes)), list(selected.split(sizes)), draft_logits)
+
+    def _draft_head_rows(self, plan: StepPlan, selected: torch.Tensor, sizes: list[int]):
+        """Medusa v2 heads' hidden states for the rows a chunk may draft from (every verified row, since the
+        accepted one is not known yet; else the last), to share the step's one lm_head call (the v2 form:
+        base and speculative logits from a single projection)."""
+        head_rows, spans = [], []
+        start, offset = sum(sizes), 0
+        for index, (chunk, size) in enumerate(zip(plan.chunks, sizes)):
+            rows = selected[offset : offset + size]
+            offset += size
+            if chunk.draft_heads is None or self.tree is None:
+                continue
+            rows = rows if chunk.draft else rows[-1:]
+            states = chunk.draft_heads.hidden_states(rows)[:, : self.tree.depth]  # (r, depth, H)
+            head_rows.append(states.reshape(-1, states.shape[-1]))
+            spans.append((index, start, rows.shape[0], self.tree.depth))
+            start += rows.shape[0] * self.tree.depth
+        return head_rows, spans
 
     def _add_tree_rows(self, chunk, row, ids, positions, write_slots, table_rows, table_pos, tables) -> int:
         """Rows for the chunk's candidate tree: node i at position root + depth, in the sequence's scratch slot

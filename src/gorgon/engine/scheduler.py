@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from gorgon.config import EngineConfig
 from gorgon.engine.kv_cache import SlotAllocator
@@ -24,6 +25,8 @@ class ScheduledChunk:
     want_all_logits: bool  # every row's logits (prompt logprobs), else only the last row's
     samples: bool  # the last row yields the sequence's next token
     draft: list[int] = field(default_factory=list)  # candidate tree tokens verified after the (one) token
+    # Medusa v2 heads whose next drafts ride along in this step's lm_head call (None: drafted separately).
+    draft_heads: Any = None
 
     @property
     def end(self) -> int:

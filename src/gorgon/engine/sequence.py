@@ -30,6 +30,7 @@ class Sequence:
     # Scratch slots for the candidate tree's nodes; an accepted node's slot is swapped into `slots`.
     node_slots: list[int] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)  # candidate tree tokens for the next step (may be empty)
+    next_draft: list[int] = field(default_factory=list)  # drafted during a step, becomes `draft` after it
     medusa: Any = None  # the request's own Medusa heads (None: the server's default speculator)
     outputs: list[TokenOutput] = field(default_factory=list)
     prefill: list[PrefillToken] = field(default_factory=list)

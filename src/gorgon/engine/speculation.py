@@ -73,6 +73,7 @@ class Speculator:
     """Drafts candidate trees from the Medusa heads of the sequences' last accepted hidden states."""
 
     cost: StepCost | None = None  # measured by the engine at start; None: speculate up to max_batch_size
+    heads = None  # Medusa heads (None for drafters that do not use them)
 
     def __init__(self, heads, lm_head: torch.nn.Module, tree: CandidateTree, max_batch_size: int) -> None:
         tree.check_heads(heads.config.num_heads)
@@ -105,6 +106,10 @@ class Speculator:
         if stats.verified_sequences < 32:
             return PRIOR_TOKENS_PER_STEP
         return stats.mean_tokens_per_step
+
+    def tree_from_logits(self, logits: torch.Tensor) -> list[int]:
+        """[depth, V] speculative logits of one sequence -> its candidate tree's node tokens."""
+        return self.tree.node_tokens(logits.topk(self.tree.top_k, dim=-1).indices.tolist())
 
     @torch.inference_mode()
     def draft(self, hidden: torch.Tensor, seqs: list) -> list[list[int]]:
