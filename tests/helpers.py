@@ -181,3 +181,18 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def save_tiny_checkpoint(path, max_positions: int = 512, family: str = "llama"):
+    """A tiny random model with the tiny tokenizer saved as a checkpoint directory; returns (tokenizer, model)."""
+    tok = build_tiny_tokenizer(path)
+    model = tiny_hf_model(
+        family,
+        vocab_size=len(tok),
+        max_position_embeddings=max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(str(path))
+    return tok, model

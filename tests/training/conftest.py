@@ -11,7 +11,7 @@ import pytest
 from fake_openai import BROKEN, FLAKY, LONG, REFUSED, fake_answer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from helpers import build_tiny_tokenizer, serve, tiny_hf_model
+from helpers import save_tiny_checkpoint, serve
 
 from gorgon.config import EngineConfig
 
@@ -98,16 +98,7 @@ TINY_CONFIG = EngineConfig(
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with the tiny tokenizer (and its chat template), saved to a directory."""
     path = tmp_path_factory.mktemp("tiny_llama_distill")
-    tok = build_tiny_tokenizer(path)
-    model = tiny_hf_model(
-        "llama",
-        vocab_size=len(tok),
-        max_position_embeddings=TINY_CONFIG.max_total_tokens,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model.save_pretrained(str(path))
+    save_tiny_checkpoint(path, TINY_CONFIG.max_total_tokens)
     return path
 
 

@@ -170,22 +170,8 @@ DEFAULT_TREE_FILE = "gorgon_tree.json"  # an adapter directory may carry the tre
 def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, device) -> Speculator | None:
     """The engine's speculator: the default Medusa adapter's heads, else n-gram lookup, else None."""
     if spec.adapter_id:
-        from gorgon.adapters.medusa_io import is_medusa_dir, load_medusa_adapter
-        from gorgon.adapters.source import resolve_adapter_dir
-
-        path = resolve_adapter_dir(spec.adapter_id, spec.adapter_source, api_token=spec.api_token)
-        if not is_medusa_dir(path):
-            raise ValueError(
-                f"--adapter-id {spec.adapter_id!r} is not a Medusa adapter (no medusa_num_heads in config.json)"
-            )
-        cfg = model.config
-        heads = load_medusa_adapter(
-            path,
-            hidden_size=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
-            dtype=dtype,
-            device=device,
-            model_id=model_id,
+        path, heads = load_heads(
+            spec.adapter_id, spec.adapter_source, spec.api_token, model, model_id, dtype, device
         )
         tree_spec = spec.medusa_tree
         if tree_spec is None:
@@ -208,30 +194,37 @@ def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, devic
     return None
 
 
+def load_heads(adapter_id: str, source: str, api_token: str | None, model, model_id: str, dtype, device):
+    """(directory, MedusaHeads) of a Medusa adapter checked against the served model; ValueError otherwise."""
+    from gorgon.adapters.medusa_io import is_medusa_dir, load_medusa_adapter
+    from gorgon.adapters.source import resolve_adapter_dir
+
+    path = resolve_adapter_dir(adapter_id, source, api_token=api_token)
+    if not is_medusa_dir(path):
+        if (path / "adapter_config.json").is_file():
+            raise ValueError(f"{adapter_id!r} is a LoRA adapter; this server serves Medusa adapters only")
+        raise ValueError(f"{adapter_id!r} is not a Medusa adapter (no config.json with medusa_num_heads)")
+    cfg = model.config
+    heads = load_medusa_adapter(
+        path,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        dtype=dtype,
+        device=device,
+        model_id=model_id,
+    )
+    return path, heads
+
+
 def per_request_medusa_loader(speculator: Speculator | None, model, model_id: str, dtype, device):
     """What loads a request's own Medusa adapter (in a worker thread), enforcing LoRAX's rules: a default
     Medusa adapter exists, the requested one is v2, with the same number of heads."""
     from gorgon.adapters.medusa import check_per_request
-    from gorgon.adapters.medusa_io import is_medusa_dir, load_medusa_adapter
-    from gorgon.adapters.source import resolve_adapter_dir
 
     default = speculator.heads.config if isinstance(speculator, Speculator) and speculator.heads else None
 
     def load(adapter_id: str, source: str, api_token: str | None):
-        path = resolve_adapter_dir(adapter_id, source, api_token=api_token)
-        if not is_medusa_dir(path):
-            if (path / "adapter_config.json").is_file():
-                raise ValueError("LoRA adapters are not served yet; this server serves Medusa adapters only")
-            raise ValueError("not a Medusa adapter (no config.json with medusa_num_heads)")
-        cfg = model.config
-        heads = load_medusa_adapter(
-            path,
-            hidden_size=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
-            dtype=dtype,
-            device=device,
-            model_id=model_id,
-        )
+        _, heads = load_heads(adapter_id, source, api_token, model, model_id, dtype, device)
         check_per_request(heads.config, default)
         return heads
 

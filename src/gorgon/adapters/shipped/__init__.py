@@ -20,6 +20,8 @@ def default_adapter_dir() -> Path | None:
 def shipped_adapter_dir(name: str) -> Path:
     path = SHIPPED / name
     if not (path / "config.json").is_file():
-        names = ", ".join(sorted(p.name for p in SHIPPED.iterdir() if (p / "config.json").is_file())) or "none"
+        names = (
+            ", ".join(sorted(p.name for p in SHIPPED.iterdir() if (p / "config.json").is_file())) or "none"
+        )
         raise ValueError(f"No shipped adapter {name!r} (shipped: {names})")
     return path
