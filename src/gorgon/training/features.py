@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from gorgon.engine.kv_cache import KVCache, kv_cache_dtype
 from gorgon.kernels.linear import row_multiple
@@ -59,6 +60,7 @@ def hidden_states(
     out: list[torch.Tensor | None] = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # long first: tighter packs
     start, done, t0 = 0, 0, time.perf_counter()
+    bar = tqdm(total=sum(len(s) for s in sequences), desc="hidden states", unit="tok", leave=False)
     while start < len(order):
         batch, rows = [], 0
         while start < len(order) and (not batch or rows + len(sequences[order[start]]) <= max_rows):
@@ -92,7 +94,8 @@ def hidden_states(
         for i, rows_i in zip(batch, seq_rows):
             out[i] = hidden[rows_i[0] : rows_i[-1] + 1].cpu().clone()
         done += rows
-        log.debug("hidden states: %d/%d sequences", start, len(order))
+        bar.update(rows)
+    bar.close()
     seconds = time.perf_counter() - t0
     if done:
         log.info(
