@@ -196,3 +196,21 @@ def save_tiny_checkpoint(path, max_positions: int = 512, family: str = "llama"):
     )
     model.save_pretrained(str(path))
     return tok, model
+
+
+def save_peft_adapter(hf_model, path, seed: int = 0, std: float = 0.05, **lora_kwargs):
+    """A PEFT LoRA on a copy of `hf_model` with random A and B (PEFT starts B at zero, which would test
+    nothing), saved under `path`. Returns the PEFT model (the reference) in eval mode."""
+    import copy
+
+    import peft
+
+    torch.manual_seed(seed)
+    lora_kwargs.setdefault("lora_dropout", 0.0)
+    model = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(**lora_kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)
+    model.save_pretrained(str(path))
+    return model.eval()

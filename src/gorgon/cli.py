@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gorgon.config import EngineConfig, SpeculationConfig
+from gorgon.config import AdapterConfig, EngineConfig, SpeculationConfig
 from gorgon.errors import GorgonError
 
 log = logging.getLogger("gorgon")
@@ -60,6 +60,41 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_adapter_args(p: argparse.ArgumentParser) -> None:
+    d = AdapterConfig()
+    p.add_argument(
+        "--preloaded-adapter-ids",
+        nargs="*",
+        default=[],
+        help="adapters (LoRA or Medusa v2) to load at start and keep loaded (source: --adapter-source)",
+    )
+    p.add_argument(
+        "--max-active-adapters", type=int, default=d.max_active_adapters, help="adapters kept loaded (LRU)"
+    )
+    p.add_argument(
+        "--adapter-memory-fraction",
+        type=float,
+        default=d.memory_fraction,
+        help="share of the device's memory (CPU: RAM) that loaded adapters may take",
+    )
+    p.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        help="directory that adapters named by requests (adapter_source local) must lie in; repeatable",
+    )
+
+
+def _adapter_config(args: argparse.Namespace) -> AdapterConfig:
+    return AdapterConfig(
+        max_active_adapters=getattr(args, "max_active_adapters", AdapterConfig.max_active_adapters),
+        memory_fraction=getattr(args, "adapter_memory_fraction", AdapterConfig.memory_fraction),
+        preloaded_adapter_ids=tuple(getattr(args, "preloaded_adapter_ids", None) or ()),
+        preloaded_adapter_source=getattr(args, "adapter_source", "hub"),
+        adapter_roots=tuple(getattr(args, "adapter_root", None) or ()),
+    )
+
+
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         max_input_length=args.max_input_length,
@@ -103,6 +138,7 @@ def _load_engine(args: argparse.Namespace):
         engine_config=_engine_config(args),
         revision=args.revision,
         speculation=_speculation_config(args),
+        adapters=_adapter_config(args),
     )
 
 
@@ -244,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hostname", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
     _add_speculation_args(serve)
+    _add_adapter_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate from one prompt in-process")
@@ -267,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="bench-results/bench.json")
     bench.add_argument("--skip-hf", action="store_true")
     bench.add_argument("--prompt-set", default="chat", choices=["chat", "code"])
+    bench.add_argument(
+        "--lora-adapters",
+        type=int,
+        default=0,
+        help="multi-LoRA mode: this many random LoRA adapters, each concurrent request on its own",
+    )
+    bench.add_argument("--lora-rank", type=int, default=16)
     _add_speculation_args(bench)  # with an adapter or n-gram tokens: speculation mode (with vs without)
     bench.set_defaults(func=cmd_bench)
 

@@ -152,3 +152,22 @@ class SpeculationConfig:
             raise ValueError("--speculative-tokens must not be negative")
         if self.max_batch_size < 0:
             raise ValueError("--speculation-max-batch-size must not be negative")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Adapters named by requests (LoRA, or Medusa v2): how many stay loaded and how much memory they may take."""
+
+    max_active_adapters: int = 128  # loaded adapters kept in the LRU cache
+    # Share of the device's memory (CPU: RAM) that loaded adapters may take; larger ones are refused.
+    memory_fraction: float = 0.1
+    preloaded_adapter_ids: tuple[str, ...] = ()  # loaded at start and never evicted
+    preloaded_adapter_source: str = "hub"
+    # Directories that adapters named by requests with adapter_source=local must lie in (empty: anywhere).
+    adapter_roots: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_active_adapters < 1:
+            raise ValueError("--max-active-adapters must be at least 1")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError("--adapter-memory-fraction must be in (0, 1]")

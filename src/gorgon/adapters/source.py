@@ -24,17 +24,24 @@ def resolve_adapter_dir(
     *,
     api_token: str | None = None,
     revision: str | None = None,
+    allowed_roots: tuple[Path, ...] | None = None,
 ) -> Path:
     """The local directory holding adapter `adapter_id` from `source` (downloading it if needed).
 
     `hub` also accepts an existing local directory, as model ids do. With HF_HUB_OFFLINE set, only the HF
     cache is read. `api_token` reaches private or gated repositories (default: HF_TOKEN / the saved login).
+    `allowed_roots` (the operator's `--adapter-root`s, for adapters named by requests): local directories
+    must lie inside one of them once symlinks and `..` are resolved; relative ids are looked up in each.
     """
     source = source or "hub"  # LoRAX's default when a request names no source
     if source not in ADAPTER_SOURCES:
         raise ValueError(f"Unknown adapter source {source!r}: use one of {', '.join(ADAPTER_SOURCES)}.")
     if not adapter_id or not adapter_id.strip():
         raise ValueError("Empty adapter id.")
+    if "\x00" in adapter_id:
+        raise ValueError("Adapter id contains a NUL character.")
+    if allowed_roots is not None:
+        return _resolve_confined(adapter_id, source, allowed_roots, api_token, revision)
     local = Path(adapter_id).expanduser()
     if source == "local":
         if not local.is_dir():
@@ -45,6 +52,30 @@ def resolve_adapter_dir(
         logger.info("Adapter %s is a local directory: using it instead of the hub", adapter_id)
         return local
     return _download(adapter_id, api_token, revision)
+
+
+def _resolve_confined(
+    adapter_id: str, source: str, roots: tuple[Path, ...], api_token: str | None, revision: str | None
+) -> Path:
+    """A request's adapter when the operator confined local adapters to `roots`."""
+    if source == "hub":
+        # Only real hub ids: a hub id never reads a local directory here (it could lie outside the roots).
+        return _download(adapter_id, api_token, revision)
+    path = Path(adapter_id)
+    candidates = [path] if path.is_absolute() else [root / path for root in roots]
+    for candidate in candidates:
+        real = candidate.resolve()  # follows symlinks and `..`
+        if any(real.is_relative_to(root.resolve()) for root in roots):
+            if real.is_dir():
+                return real
+        elif path.is_absolute() or candidate.exists():
+            break
+    else:
+        raise ValueError(f"Adapter {adapter_id!r} (source local): no such directory under the adapter roots.")
+    raise ValueError(
+        f"Adapter {adapter_id!r} (source local) is outside the directories this server allows "
+        "(--adapter-root)."
+    )
 
 
 def hub_offline() -> bool:

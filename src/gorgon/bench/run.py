@@ -37,9 +37,15 @@ def _request(ids: list[int], max_new: int, ignore_eos: bool = True) -> Generatio
 
 
 def run_engine(
-    engine: LLMEngine, prompts: list[list[int]], max_new: int, concurrency: int, ignore_eos: bool = True
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    max_new: int,
+    concurrency: int,
+    ignore_eos: bool = True,
+    loras: list | None = None,
 ) -> dict:
-    """Run `prompts` through the engine, `concurrency` at a time. Returns tokens/s and the outputs."""
+    """Run `prompts` through the engine, `concurrency` at a time (prompt i with LoRA adapter `loras[i]`
+    when given). Returns tokens/s and the outputs."""
     results: dict[int, list[int]] = {}
     tokens = 0
     start = time.perf_counter()
@@ -62,7 +68,8 @@ def run_engine(
     while pending or in_flight:
         while pending and in_flight < concurrency:
             i, ids = pending.pop(0)
-            engine.add_request(_request(ids, max_new, ignore_eos), sink_for(i))
+            lora = loras[i] if loras else None
+            engine.add_request(_request(ids, max_new, ignore_eos), sink_for(i), lora=lora)
             in_flight += 1
         engine.step()
     bar.close()
@@ -174,7 +181,14 @@ def run_bench(args: argparse.Namespace) -> int:
     from gorgon.models.loader import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.model_id, args.revision)
-    bench = bench_speculation if (args.adapter_id or args.speculative_tokens) else bench_dtype
+    from gorgon.bench.lora import bench_lora
+
+    if getattr(args, "lora_adapters", 0):
+        bench = bench_lora
+    elif args.adapter_id or args.speculative_tokens:
+        bench = bench_speculation
+    else:
+        bench = bench_dtype
     rows = [bench(ckpt, d.strip(), args) for d in args.dtypes.split(",")]
     report = {
         "model": ckpt.model_id,

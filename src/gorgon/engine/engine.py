@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from gorgon.adapters.registry import AdapterRegistry
-from gorgon.config import EngineConfig, SpeculationConfig
+from gorgon.config import AdapterConfig, EngineConfig, SpeculationConfig
+from gorgon.engine.adapter_loader import RequestAdapter, device_memory_bytes, request_adapter_loader
 from gorgon.engine.llm_engine import LLMEngine, Output
 from gorgon.engine.request import ErrorOutput, FinalOutput, GenerationRequest
-from gorgon.engine.speculation import build_speculator, per_request_medusa_loader
+from gorgon.engine.speculation import Speculator, build_speculator
 from gorgon.errors import GenerationError, IncompleteGenerationError, OverloadedError
 from gorgon.models.factory import build_model, resolve_device, resolve_dtype
 
@@ -61,6 +62,7 @@ class AsyncEngine:
         engine_config: EngineConfig | None = None,
         revision: str | None = None,
         speculation: SpeculationConfig | None = None,
+        adapters: AdapterConfig | None = None,
     ) -> AsyncEngine:
         from gorgon.models.loader import resolve_checkpoint
 
@@ -78,9 +80,16 @@ class AsyncEngine:
         llm = LLMEngine(model, ckpt.tokenizer, config, dt, dev, eos, speculator)
         engine = cls(llm, ckpt.model_id)
         engine.adapter_id = (speculation.adapter_id if speculation else None) or None
-        engine.adapters = AdapterRegistry(
-            per_request_medusa_loader(speculator, model, ckpt.model_id, dt, dev)
+        adapters = adapters or AdapterConfig()
+        max_bytes = int(adapters.memory_fraction * device_memory_bytes(dev))
+        default_heads = speculator.heads.config if isinstance(speculator, Speculator) else None
+        load = request_adapter_loader(
+            default_heads, model, ckpt.model_id, dt, dev, max_bytes, adapters.adapter_roots
         )
+        engine.adapters = AdapterRegistry(load, adapters.max_active_adapters, max_bytes)
+        for adapter_id in adapters.preloaded_adapter_ids:
+            engine.adapters.preload(adapter_id, adapters.preloaded_adapter_source)
+            log.info("preloaded adapter %s", adapter_id)
         return engine
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -126,7 +135,7 @@ class AsyncEngine:
             raise OverloadedError()
         self._in_flight += 1
         try:
-            medusa = await self._request_adapter(request)
+            adapter = await self._request_adapter(request)
         except BaseException:
             self._in_flight -= 1
             raise
@@ -136,7 +145,7 @@ class AsyncEngine:
         finished = False
         try:
             sink = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
-            self._post(("add", seq_id, request, sink, medusa))
+            self._post(("add", seq_id, request, sink, adapter))
             while True:
                 out = await outputs.get()
                 yield out
@@ -148,9 +157,9 @@ class AsyncEngine:
             if not finished:  # the consumer went away (client disconnect): free the slot and its KV
                 self._post(("abort", seq_id))
 
-    async def _request_adapter(self, request: GenerationRequest):
-        """The request's own adapter, loaded (once, off the generation loop) and checked; None for the
-        server's default. Raises GenerationError (424) when it cannot be used."""
+    async def _request_adapter(self, request: GenerationRequest) -> RequestAdapter | None:
+        """The request's own adapter (LoRA and/or Medusa heads), loaded once, off the generation loop, and
+        checked; None for the server's default. Raises GenerationError (424) when it cannot be used."""
         if not request.adapter_id or request.adapter_id == self.adapter_id:
             return None
         if self.adapters is None:
@@ -170,8 +179,10 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if item[0] == "add":
-                _, seq_id, request, sink, medusa = item
-                self.engine.add_request(request, sink, seq_id=seq_id, medusa=medusa)
+                _, seq_id, request, sink, adapter = item
+                medusa = adapter.medusa if adapter else None
+                lora = adapter.lora if adapter else None
+                self.engine.add_request(request, sink, seq_id=seq_id, medusa=medusa, lora=lora)
             else:
                 self.engine.abort(item[1])
 

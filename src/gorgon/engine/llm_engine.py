@@ -78,13 +78,18 @@ class LLMEngine:
 
     # --- requests in and out -------------------------------------------------------------------------
     def add_request(
-        self, request: GenerationRequest, sink: Sink, seq_id: int | None = None, medusa=None
+        self,
+        request: GenerationRequest,
+        sink: Sink,
+        seq_id: int | None = None,
+        medusa=None,
+        lora=None,
     ) -> int:
-        """`medusa`: the request's own (already loaded, already checked) Medusa heads."""
+        """`medusa`, `lora`: the request's own Medusa heads and LoRA adapter (already loaded and checked)."""
         seed = request.sampling.seed
         if seed is None:
             seed = secrets.randbits(63)
-        seq = Sequence(request=request, seed=seed, medusa=medusa)
+        seq = Sequence(request=request, seed=seed, medusa=medusa, lora=lora)
         if seq_id is not None:
             seq.seq_id = seq_id
         detok = IncrementalDetokenizer(self.tokenizer, list(request.prompt_ids))

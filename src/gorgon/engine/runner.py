@@ -12,6 +12,7 @@ from gorgon.kernels.linear import InvariantLinear, row_multiple
 from gorgon.models.attention import AttentionMetadata
 from gorgon.models.attention import kernel_available as attention_kernel_available
 from gorgon.models.llama import LlamaModel
+from gorgon.models.lora_batch import LoraBatch
 from gorgon.speculative.tree import CandidateTree
 
 
@@ -83,7 +84,8 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.tensor(ids + [0] * pad, dtype=torch.long, device=dev)
         pos = torch.tensor(positions + [0] * pad, dtype=torch.long, device=dev)
-        hidden = self.model(input_ids, pos, self.cache.layers, meta)
+        lora = self._lora_batch(plan, total)
+        hidden = self.model(input_ids, pos, self.cache.layers, meta, lora)
 
         flat_rows = [r for rows in logit_rows for r in rows]
         n_logits = len(flat_rows)
@@ -95,12 +97,26 @@ class ModelRunner:
         pad_rows = _round_up(total_rows, self.rows) - total_rows
         if pad_rows:
             lm_input = torch.cat([lm_input, lm_input.new_zeros(pad_rows, lm_input.shape[1])])
-        all_logits = self.model.logits(lm_input)
+        if lora is not None:  # sampled rows, then Medusa head rows: each with its request's LoRA
+            head_adapters = [c.seq.lora for c, n in zip(plan.chunks, sizes) for _ in range(n)]
+            head_adapters += [plan.chunks[i].seq.lora for i, _, r, d in spans for _ in range(r * d)]
+            lora.set_head_rows(head_adapters + [None] * pad_rows)
+        all_logits = self.model.logits(lm_input, lora)
         draft_logits: list[torch.Tensor | None] = [None] * len(plan.chunks)
         for index, start, rows, depth in spans:
             draft_logits[index] = all_logits[start : start + rows * depth].view(rows, depth, -1)
         logits = all_logits[:n_logits]
         return StepOutput(list(logits.split(sizes)), list(selected.split(sizes)), draft_logits)
+
+    def _lora_batch(self, plan: StepPlan, total_rows: int) -> LoraBatch | None:
+        """Each flat row's LoRA adapter (its request's; tree rows too), or None when the step has none."""
+        if all(chunk.seq.lora is None for chunk in plan.chunks):
+            return None
+        adapters = []
+        for chunk in plan.chunks:
+            adapters += [chunk.seq.lora] * (len(chunk.tokens) + len(chunk.draft or ()))
+        adapters += [None] * (total_rows - len(adapters))
+        return LoraBatch.build(adapters, self.device, use_kernel=self.attention_kernel)
 
     def _draft_head_rows(self, plan: StepPlan, selected: torch.Tensor, sizes: list[int]):
         """Medusa v2 heads' hidden states for the rows a chunk may draft from (every verified row, since the

@@ -32,6 +32,7 @@ class Sequence:
     draft: list[int] = field(default_factory=list)  # candidate tree tokens for the next step (may be empty)
     next_draft: list[int] = field(default_factory=list)  # drafted during a step, becomes `draft` after it
     medusa: Any = None  # the request's own Medusa heads (None: the server's default speculator)
+    lora: Any = None  # the request's LoRA adapter (gorgon.adapters.lora.LoraAdapter), or None
     outputs: list[TokenOutput] = field(default_factory=list)
     prefill: list[PrefillToken] = field(default_factory=list)
     skipped_tokens: int = 0

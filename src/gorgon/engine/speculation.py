@@ -194,12 +194,15 @@ def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, devic
     return None
 
 
-def load_heads(adapter_id: str, source: str, api_token: str | None, model, model_id: str, dtype, device):
-    """(directory, MedusaHeads) of a Medusa adapter checked against the served model; ValueError otherwise."""
+def load_heads(
+    adapter_id: str, source: str, api_token: str | None, model, model_id: str, dtype, device, path=None
+):
+    """(directory, MedusaHeads) of a Medusa adapter checked against the served model; ValueError otherwise.
+    `path`: the adapter's directory when already resolved."""
     from gorgon.adapters.medusa_io import is_medusa_dir, load_medusa_adapter
     from gorgon.adapters.source import resolve_adapter_dir
 
-    path = resolve_adapter_dir(adapter_id, source, api_token=api_token)
+    path = path or resolve_adapter_dir(adapter_id, source, api_token=api_token)
     if not is_medusa_dir(path):
         if (path / "adapter_config.json").is_file():
             raise ValueError(f"{adapter_id!r} is a LoRA adapter; this server serves Medusa adapters only")
@@ -214,18 +217,3 @@ def load_heads(adapter_id: str, source: str, api_token: str | None, model, model
         model_id=model_id,
     )
     return path, heads
-
-
-def per_request_medusa_loader(speculator: Speculator | None, model, model_id: str, dtype, device):
-    """What loads a request's own Medusa adapter (in a worker thread), enforcing LoRAX's rules: a default
-    Medusa adapter exists, the requested one is v2, with the same number of heads."""
-    from gorgon.adapters.medusa import check_per_request
-
-    default = speculator.heads.config if isinstance(speculator, Speculator) and speculator.heads else None
-
-    def load(adapter_id: str, source: str, api_token: str | None):
-        _, heads = load_heads(adapter_id, source, api_token, model, model_id, dtype, device)
-        check_per_request(heads.config, default)
-        return heads
-
-    return load

@@ -14,7 +14,10 @@ import torch
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / n for n in ("cpu_linear.cpp", "cpu_attention.cpp", "cpu_fused.cpp", "bindings.cpp")]
+SOURCES = [
+    _HERE / n
+    for n in ("cpu_linear.cpp", "cpu_attention.cpp", "cpu_fused.cpp", "cpu_lora.cpp", "bindings.cpp")
+]
 # -fopenmp: at::parallel_for is header code that only spreads work over threads when built with OpenMP.
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}

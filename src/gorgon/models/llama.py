@@ -15,6 +15,7 @@ from gorgon.config import ModelConfig
 from gorgon.kernels.build import cpu_extension
 from gorgon.kernels.linear import InvariantLinear as Linear
 from gorgon.models.attention import AttentionMetadata, paged_attention
+from gorgon.models.lora_batch import LoraBatch
 from gorgon.models.rope import RotaryEmbedding, apply_rotary
 
 
@@ -42,8 +43,9 @@ def add_norm(
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
@@ -55,10 +57,15 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         T = x.shape[0]
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x)
+        if lora is not None:
+            lora.apply(self.layer, "q_proj", x, qkv, 0)
+            lora.apply(self.layer, "k_proj", x, qkv, nh * d)
+            lora.apply(self.layer, "v_proj", x, qkv, (nh + nkv) * d)
         k_cache, v_cache = kv
         if meta.use_kernel:  # rotary q/k, float32 q, k/v into the cache: one fused call
             q = cpu_extension().rope_store(qkv, *cos_sin, k_cache, v_cache, meta.write_slots, nh, nkv, d)
@@ -70,35 +77,48 @@ class Attention(nn.Module):
             k_cache[meta.write_slots] = k.to(k_cache.dtype)
             v_cache[meta.write_slots] = v.to(v_cache.dtype)
         out = paged_attention(q, k_cache, v_cache, meta)  # (T, nh, d) float32
-        return self.o_proj(out.reshape(T, nh * d).to(x.dtype))
+        out = out.reshape(T, nh * d).to(x.dtype)
+        y = self.o_proj(out)
+        if lora is not None:
+            lora.apply(self.layer, "o_proj", out, y)
+        return y
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            lora.apply(self.layer, "gate_proj", x, gate_up, 0)
+            lora.apply(self.layer, "up_proj", x, gate_up, self.intermediate)
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        act = F.silu(gate) * up
+        y = self.down_proj(act)
+        if lora is not None:
+            lora.apply(self.layer, "down_proj", act, y)
+        return y
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
 
-    def forward(self, h, residual, cos_sin, kv, meta) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h, residual, cos_sin, kv, meta, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
         """h: this layer's normed input. Returns (the MLP's output, the residual stream); the next norm adds
         the former to the latter (fused with it on the kernel path)."""
-        attn = self.self_attn(h, cos_sin, kv, meta)
+        attn = self.self_attn(h, cos_sin, kv, meta, lora)
         h, residual = add_norm(attn, residual, self.post_attention_layernorm, meta.use_kernel)
-        return self.mlp(h), residual
+        return self.mlp(h, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -106,7 +126,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -119,20 +139,25 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        """Returns the final hidden states [T, hidden] (after the last norm): what feeds lm_head."""
+        """Returns the final hidden states [T, hidden] (after the last norm): what feeds lm_head. `lora`: the
+        step's LoRA adapters per row (None: base model only)."""
         fused = meta.use_kernel
         residual = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions)
         h, residual = add_norm(None, residual, self.layers[0].input_layernorm, fused)
         norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         for layer, kv, next_norm in zip(self.layers, kv_cache, norms):
-            out, residual = layer(h, residual, cos_sin, kv, meta)
+            out, residual = layer(h, residual, cos_sin, kv, meta, lora)
             h, residual = add_norm(out, residual, next_norm, fused)
         return h
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        y = self.lm_head(hidden)
+        if lora is not None:
+            lora.apply_lm_head(hidden, y)
+        return y.float()
 
     @torch.no_grad()
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

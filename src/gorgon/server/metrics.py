@@ -76,6 +76,7 @@ class ServerMetrics:
         self.batch_size.set_function(lambda: engine.stats().batch_size)
 
         self.registry.register(_SpeculationCollector(engine))
+        self.registry.register(_AdapterCollector(engine))
 
     def first_token(self, started: float) -> None:
         self.ttft.observe(time.perf_counter() - started)
@@ -148,3 +149,26 @@ class _SpeculationCollector:
         steps.add_metric(["on"], stats.steps_on)
         steps.add_metric(["off"], stats.steps_off)
         yield steps
+
+
+class _AdapterCollector:
+    """The per-request adapter cache, read at scrape time (absent when the engine has none)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        cache = getattr(self.engine, "adapters", None)
+        if cache is None:
+            return
+        yield GaugeMetricFamily("gorgon_adapters_loaded", "Adapters in the cache", value=len(cache))
+        yield GaugeMetricFamily(
+            "gorgon_adapter_memory_bytes", "Bytes of the cached adapters' weights", value=cache.nbytes
+        )
+        yield CounterMetricFamily("gorgon_adapter_loads", "Adapter loads (hits excluded)", value=cache.loads)
+        yield CounterMetricFamily(
+            "gorgon_adapter_evictions", "Adapters dropped from the cache", value=cache.evictions
+        )
