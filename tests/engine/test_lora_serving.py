@@ -189,3 +189,72 @@ def test_bf16_lora_tokens_independent_of_batch_and_speculation(served):
         finally:
             eng.shutdown()
     assert all(r == results[0] for r in results), results
+
+
+def test_lm_head_lora_shapes_the_speculative_logits(tmp_path):
+    """v2 heads' logits ride in the step's lm_head call: a request's LoRA on lm_head applies to them too."""
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+    from gorgon.kernels.lora import lora_apply_reference
+    from gorgon.speculative.tree import CandidateTree
+
+    hf = tiny_hf_model("llama")
+    save_peft_adapter(hf, tmp_path / "lm", seed=3, std=0.2, **LORAS["qv-lmhead-rslora-r4"])
+    model = gorgon_from_hf(hf)
+    lora = load_lora_adapter(tmp_path / "lm", model.config, dtype=torch.float32, device=CPU)
+    torch.manual_seed(0)
+    heads = MedusaHeads(MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=64, vocab_size=320))
+    cache = KVCache(model.config, 512, torch.float32, CPU)
+    runner = ModelRunner(model, cache, torch.float32, CPU, tree=CandidateTree.from_paths([(0,), (0, 0)]))
+    alloc = SlotAllocator(512)
+    prompt = [5, 6, 7, 8]
+    seqs = [_seq(prompt, alloc, lora), _seq(prompt, alloc)]
+    chunks = [ScheduledChunk(s, 0, prompt, False, True) for s in seqs]
+    for c in chunks:
+        c.draft_heads = heads
+    out = runner.run(StepPlan(chunks))
+    with torch.no_grad():
+        lora_states, plain_states = (heads.hidden_states(h[-1:])[0] for h in out.hidden)  # (depth, H)
+        without = model.lm_head(lora_states)
+        w = lora.lm_head
+        rows = torch.zeros(2, dtype=torch.long)
+        want = lora_apply_reference(lora_states, without, rows, [w.a], [w.b_t], [w.scale])
+        plain = model.lm_head(plain_states)
+    torch.testing.assert_close(out.draft_logits[1][0], plain.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.draft_logits[0][0], want.float(), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out.draft_logits[0][0], without.float(), atol=1e-3)
+
+
+def test_lora_with_its_own_medusa_heads(served, tmp_path):
+    """A directory holding a LoRA and Medusa heads (jointly trained) speculates with its own heads, under
+    the same rules as per-request Medusa adapters; greedy output stays the LoRA's."""
+    import shutil
+
+    from test_medusa_per_request import make_adapter
+
+    from gorgon.errors import GenerationError
+
+    joint = {}
+    for name, kwargs in {"joint": {}, "joint_v1": {"version": 1}, "joint_2heads": {"heads": 2}}.items():
+        heads_dir = make_adapter(tmp_path, f"heads_{name}", seed=11, **kwargs)
+        shutil.copytree(served["root"] / "a", tmp_path / name)
+        for f in ("config.json", "medusa_lm_head.safetensors"):
+            shutil.copy(f"{heads_dir}/{f}", tmp_path / name / f)
+        joint[name] = str(tmp_path / name)
+    eng = _engine(served, speculation=SpeculationConfig(adapter_id=served["medusa"], adapter_source="local"))
+    try:
+        tokens = asyncio.run(_tokens(eng, _request(PROMPTS[0], joint["joint"])))
+        assert tokens == _hf_greedy(served["refs"]["a"], PROMPTS[0])
+        loaded = asyncio.run(eng.adapters.get(joint["joint"], "local"))
+        assert loaded.lora is not None and loaded.medusa is not None
+        with pytest.raises(GenerationError, match="cannot be loaded per request"):
+            asyncio.run(_tokens(eng, _request(PROMPTS[0], joint["joint_v1"])))
+        with pytest.raises(GenerationError, match="2 heads"):
+            asyncio.run(_tokens(eng, _request(PROMPTS[0], joint["joint_2heads"])))
+    finally:
+        eng.shutdown()
+    plain = _engine(served)  # no default Medusa adapter: the LoRA serves, its heads stay unused
+    try:
+        assert asyncio.run(_tokens(plain, _request(PROMPTS[0], joint["joint"]))) == tokens
+        assert asyncio.run(plain.adapters.get(joint["joint"], "local")).medusa is None
+    finally:
+        plain.shutdown()

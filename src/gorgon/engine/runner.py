@@ -42,6 +42,8 @@ class ModelRunner:
         self.tree = tree
         self.cache = cache
         self.device = device
+        self.dtype = dtype
+        self._last_lora: LoraBatch | None = None  # its kernel arguments serve the next step's same adapters
         # Without batch invariance (only to measure what it costs): plain BLAS, no row padding.
         self.rows = row_multiple(dtype, device) if batch_invariant else 1
         # Attention, rotary and norm kernels need a float32 cache and a bfloat16/float32 model.
@@ -111,12 +113,16 @@ class ModelRunner:
     def _lora_batch(self, plan: StepPlan, total_rows: int) -> LoraBatch | None:
         """Each flat row's LoRA adapter (its request's; tree rows too), or None when the step has none."""
         if all(chunk.seq.lora is None for chunk in plan.chunks):
+            self._last_lora = None
             return None
         adapters = []
         for chunk in plan.chunks:
             adapters += [chunk.seq.lora] * (len(chunk.tokens) + len(chunk.draft or ()))
         adapters += [None] * (total_rows - len(adapters))
-        return LoraBatch.build(adapters, self.device, use_kernel=self.attention_kernel)
+        lora = LoraBatch.build(adapters, self.dtype, self.device, use_kernel=self.attention_kernel)
+        lora.reuse(self._last_lora)
+        self._last_lora = lora
+        return lora
 
     def _draft_head_rows(self, plan: StepPlan, selected: torch.Tensor, sizes: list[int]):
         """Medusa v2 heads' hidden states for the rows a chunk may draft from (every verified row, since the

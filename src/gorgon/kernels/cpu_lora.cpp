@@ -26,7 +26,7 @@ constexpr int kMaxRows = 4;       // rows of one adapter computed together (they
 constexpr int kShrinkJ = 4;       // ranks j computed together by the shrink (independent FMA chains)
 constexpr int kPassVecs = 4;      // column vectors per expand pass (independent FMA chains)
 constexpr int64_t kTileCols = 256;  // columns per thread work item of the expand
-constexpr int64_t kGrainMacs = 1 << 18;  // multiply-adds (some microseconds) that make a thread task worth its start
+constexpr int64_t kGrainMacs = 1 << 14;  // multiply-adds (some microseconds) that make a thread task worth its start
 
 inline __mmask16 lane_mask(int64_t n) { return n >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1U << n) - 1); }
 
