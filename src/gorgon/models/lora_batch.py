@@ -58,9 +58,9 @@ class LoraBatch:
 
     def reuse(self, previous: LoraBatch | None) -> None:
         """Share the argument lists of the previous step when it had the very same adapters, in order."""
-        if previous is not None and len(previous.adapters) == len(self.adapters):
-            if all(p is q for p, q in zip(previous.adapters, self.adapters)):
-                self.args = previous.args
+        same = previous is not None and len(previous.adapters) == len(self.adapters)
+        if same and all(p is q for p, q in zip(previous.adapters, self.adapters)):
+            self.args = previous.args
 
     def set_head_rows(self, row_adapters: list[Any]) -> None:
         index = {id(a): i for i, a in enumerate(self.adapters)}
