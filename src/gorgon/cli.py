@@ -38,7 +38,10 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
 
 def _add_speculation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--adapter-id", default=None, help="default adapter: a Medusa adapter speculates for every request"
+        "--adapter-id",
+        default=None,
+        help="default adapter: a Medusa adapter speculates for every request; a LoRA serves requests "
+        "that name no adapter",
     )
     p.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
     p.add_argument(

@@ -258,3 +258,25 @@ def test_lora_with_its_own_medusa_heads(served, tmp_path):
         assert asyncio.run(plain.adapters.get(joint["joint"], "local")).medusa is None
     finally:
         plain.shutdown()
+
+
+def test_default_lora_adapter(served):
+    """`--adapter-id` naming a LoRA (as LoRAX allows): requests naming no adapter, or that one, get it; others
+    name their own; the base model is not reachable by omission."""
+    a, b = str(served["root"] / "a"), str(served["root"] / "b")
+    eng = _engine(served, speculation=SpeculationConfig(adapter_id=a, adapter_source="local"))
+    try:
+        assert eng.adapter_id == a and eng.speculate == 0
+
+        async def run():
+            return await asyncio.gather(
+                _tokens(eng, _request(PROMPTS[0])),
+                _tokens(eng, _request(PROMPTS[0], a)),
+                _tokens(eng, _request(PROMPTS[0], b)),
+            )
+
+        default, named, other = asyncio.run(run())
+    finally:
+        eng.shutdown()
+    assert default == named == _hf_greedy(served["refs"]["a"], PROMPTS[0])
+    assert other == _hf_greedy(served["refs"]["b"], PROMPTS[0])

@@ -51,6 +51,8 @@ class AsyncEngine:
         self._fatal: BaseException | None = None
         self.adapter_id: str | None = None  # the default adapter, if any
         self.adapters: AdapterRegistry | None = None  # adapters named by requests
+        # A default LoRA (`--adapter-id` naming a LoRA): what requests naming no adapter are served with.
+        self.default_adapter: RequestAdapter | None = None
 
     @classmethod
     def from_pretrained(
@@ -76,10 +78,13 @@ class AsyncEngine:
         eos = set(ckpt.config.eos_token_ids)
         if ckpt.tokenizer.eos_token_id is not None:
             eos.add(ckpt.tokenizer.eos_token_id)
-        speculator = build_speculator(speculation or SpeculationConfig(), model, ckpt.model_id, dt, dev)
+        speculation = speculation or SpeculationConfig()
+        default_lora, speculation = _default_lora(speculation, model, ckpt.model_id, dt, dev)
+        speculator = build_speculator(speculation, model, ckpt.model_id, dt, dev)
         llm = LLMEngine(model, ckpt.tokenizer, config, dt, dev, eos, speculator)
         engine = cls(llm, ckpt.model_id)
-        engine.adapter_id = (speculation.adapter_id if speculation else None) or None
+        engine.adapter_id = (default_lora.adapter_id if default_lora else speculation.adapter_id) or None
+        engine.default_adapter = default_lora
         adapters = adapters or AdapterConfig()
         max_bytes = int(adapters.memory_fraction * device_memory_bytes(dev))
         default_heads = speculator.heads.config if isinstance(speculator, Speculator) else None
@@ -161,7 +166,7 @@ class AsyncEngine:
         """The request's own adapter (LoRA and/or Medusa heads), loaded once, off the generation loop, and
         checked; None for the server's default. Raises GenerationError (424) when it cannot be used."""
         if not request.adapter_id or request.adapter_id == self.adapter_id:
-            return None
+            return self.default_adapter
         if self.adapters is None:
             raise GenerationError(
                 f"adapter {request.adapter_id!r}: this server loads no adapters per request"
@@ -200,3 +205,28 @@ class AsyncEngine:
             self._fatal = exc
             log.exception("engine loop died")
             self.engine.fail_all(f"engine failure: {exc}")
+
+
+def _default_lora(spec: SpeculationConfig, model, model_id: str, dtype, device):
+    """(the default LoRA adapter or None, the speculation config left to build). `--adapter-id` may name a
+    LoRA, as in LoRAX: it then serves every request that names no adapter, and speculation comes from its
+    own Medusa heads when the directory has them, else from n-gram lookup if asked, else none."""
+    from dataclasses import replace
+
+    from gorgon.adapters.lora import is_lora_dir, load_lora_adapter
+    from gorgon.adapters.medusa_io import is_medusa_dir
+    from gorgon.adapters.source import resolve_adapter_dir
+
+    if not spec.adapter_id:
+        return None, spec
+    path = resolve_adapter_dir(spec.adapter_id, spec.adapter_source, api_token=spec.api_token)
+    if not is_lora_dir(path):
+        return None, spec
+    lora = load_lora_adapter(
+        path, model.config, dtype=dtype, device=device, adapter_id=spec.adapter_id, model_id=model_id
+    )
+    log.info(
+        "default adapter %s: LoRA%s", spec.adapter_id, " with its own Medusa heads" * is_medusa_dir(path)
+    )
+    adapter = RequestAdapter(spec.adapter_id, lora=lora, nbytes=lora.nbytes)
+    return adapter, spec if is_medusa_dir(path) else replace(spec, adapter_id=None)
