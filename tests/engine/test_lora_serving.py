@@ -280,3 +280,30 @@ def test_default_lora_adapter(served):
         eng.shutdown()
     assert default == named == _hf_greedy(served["refs"]["a"], PROMPTS[0])
     assert other == _hf_greedy(served["refs"]["b"], PROMPTS[0])
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "tied-mha"])
+def test_greedy_equal_peft_for_each_family(family, tmp_path):
+    """Through the whole engine, one batch: two LoRAs of different ranks and targets, and the base model."""
+    tok = build_tiny_tokenizer(tmp_path / "model")
+    hf = tiny_hf_model(
+        family, vocab_size=len(tok), eos_token_id=tok.eos_token_id, max_position_embeddings=512
+    )
+    hf.save_pretrained(str(tmp_path / "model"))
+    refs = {
+        "x": save_peft_adapter(hf, tmp_path / "x", seed=1, std=0.2, **LORAS["mlp-o-patterns"]),
+        "y": save_peft_adapter(hf, tmp_path / "y", seed=2, std=0.2, **LORAS["qv-lmhead-rslora-r4"]),
+    }
+    eng = _engine({"root": tmp_path})
+    jobs = [(p, n) for p in PROMPTS[:2] for n in ("x", None, "y")]
+    try:
+
+        async def run():
+            ids = {n: str(tmp_path / n) for n in refs} | {None: None}
+            return await asyncio.gather(*(_tokens(eng, _request(p, ids[n])) for p, n in jobs))
+
+        got = asyncio.run(run())
+    finally:
+        eng.shutdown()
+    for (prompt, name), tokens in zip(jobs, got):
+        assert tokens == _hf_greedy(hf if name is None else refs[name], prompt), (family, name)
