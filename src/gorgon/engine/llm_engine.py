@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from gorgon.engine.request import (
 )
 from gorgon.engine.runner import ModelRunner
 from gorgon.engine.sampler import RowSampling, sample
-from gorgon.engine.scheduler import ScheduledChunk, Scheduler
+from gorgon.engine.scheduler import ScheduledChunk, Scheduler, StepPlan
 from gorgon.engine.sequence import Sequence
 from gorgon.engine.speculation import Speculator, StepCost
 from gorgon.models.llama import LlamaModel
@@ -43,6 +44,7 @@ class _Live:
     seq: Sequence
     sink: Sink
     detok: IncrementalDetokenizer
+    deadline: float | None = None  # time.monotonic() past which the request is failed
 
 
 class LLMEngine:
@@ -93,7 +95,9 @@ class LLMEngine:
         if seq_id is not None:
             seq.seq_id = seq_id
         detok = IncrementalDetokenizer(self.tokenizer, list(request.prompt_ids))
-        self._live[seq.seq_id] = _Live(seq, sink, detok)
+        timeout = self.config.request_timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        self._live[seq.seq_id] = _Live(seq, sink, detok, deadline)
         self.scheduler.add(seq)
         return seq.seq_id
 
@@ -117,8 +121,16 @@ class LLMEngine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def cache_free_slots(self) -> int:
+        """KV slots not reserved by any request (all of them once every request has ended)."""
+        return self.scheduler.allocator.num_free
+
+    def cache_total_slots(self) -> int:
+        return self.config.max_batch_total_tokens
+
     # --- one iteration ---------------------------------------------------------------------------------
     def step(self) -> None:
+        self._expire()
         decoding = sum(1 for s in self.scheduler.running if not s.in_prefill)
         speculate = self.speculator is not None and self.speculator.should_speculate(decoding)
         if self.speculator is not None and decoding:
@@ -135,10 +147,9 @@ class LLMEngine:
         self.last_batch_size = len(plan.chunks)
         try:
             out = self.runner.run(plan)
-        except Exception as exc:  # a failed forward pass fails the step's requests, not the server
+        except Exception as exc:  # a failed forward pass fails requests, never the server
             log.exception("model step failed")
-            for chunk in plan.chunks:
-                self._fail(chunk.seq, f"model step failed: {exc}")
+            self._isolate_failure(plan, exc)
             return
         for chunk, chunk_logits in zip(plan.chunks, out.logits):
             chunk.seq.num_cached = chunk.end
@@ -151,46 +162,116 @@ class LLMEngine:
         if sampling:
             self._sample_and_emit(sampling, speculate)
 
+    def _expire(self) -> None:
+        """Fail the requests whose deadline (`request_timeout`) has passed, waiting or running."""
+        if not self.config.request_timeout:
+            return
+        now = time.monotonic()
+        for live in [lv for lv in self._live.values() if lv.deadline is not None and now > lv.deadline]:
+            self._fail(live.seq, f"request deadline of {self.config.request_timeout:g}s exceeded")
+
+    def _isolate_failure(self, plan, exc: Exception) -> None:
+        """After a failed batched forward pass, run each chunk alone to find the one(s) at fault: those fail,
+        the others are left as they were and run again next step (their K/V writes are simply redone).
+        If every chunk runs alone, the failure came from the mix: the whole step fails."""
+        if len(plan.chunks) == 1:
+            self._fail(plan.chunks[0].seq, f"model step failed: {exc}")
+            return
+        culprits = []
+        for chunk in plan.chunks:
+            try:
+                self.runner.run(StepPlan([chunk]))
+            except Exception as solo:  # noqa: BLE001 - this sequence's own failure
+                culprits.append((chunk, solo))
+        for chunk, solo in culprits or [(c, exc) for c in plan.chunks]:
+            self._fail(chunk.seq, f"model step failed: {solo}")
+        for chunk in plan.chunks:
+            chunk.seq.draft = []  # the next step verifies no stale tree
+
+    def _sample(self, logits: list[torch.Tensor], rows: list[list[RowSampling]], chunks) -> list:
+        """Sample all rows at once; if that fails, chunk by chunk, failing only the chunks that fail.
+        Returns, per chunk, (token ids, logprobs, alternatives) or None for a failed chunk."""
+        try:
+            result = sample(torch.cat(logits), [r for rs in rows for r in rs])
+        except Exception:  # find the request at fault below
+            log.exception("sampling failed; retrying request by request")
+            results = []
+            for chunk, lg, rs in zip(chunks, logits, rows):
+                try:
+                    one = sample(lg, rs)
+                    results.append((one.token_ids.tolist(), one.logprobs.tolist(), list(one.alternatives)))
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(chunk.seq, f"sampling failed: {exc}")
+                    results.append(None)
+            return results
+        tokens, logprobs, alternatives = (
+            result.token_ids.tolist(),
+            result.logprobs.tolist(),
+            result.alternatives,
+        )
+        results, offset = [], 0
+        for lg in logits:
+            n = lg.shape[0]
+            results.append(
+                (
+                    tokens[offset : offset + n],
+                    logprobs[offset : offset + n],
+                    alternatives[offset : offset + n],
+                )
+            )
+            offset += n
+        return results
+
     def _sample_and_emit(self, sampling: list, speculate: bool) -> None:
-        """Choose each sampling row's token, accept drafts, emit tokens, and draft the next trees."""
+        """Choose each sampling row's token, accept drafts, emit tokens, and draft the next trees. A failure
+        while handling one request fails that request alone (incomplete_generation)."""
         rows, logits = [], []
         for chunk, chunk_logits, _, _ in sampling:
             n = 1 + len(chunk.draft)
-            rows += self._row_sampling(chunk)
+            rows.append(self._row_sampling(chunk))
             logits.append(chunk_logits[-n:])
-        result = sample(torch.cat(logits), rows)
-        tokens, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
+        sampled = self._sample(logits, rows, [c for c, _, _, _ in sampling])
         to_draft, hidden_rows = [], []
-        offset = 0
-        for chunk, _, hidden, draft_logits in sampling:
-            seq, n = chunk.seq, 1 + len(chunk.draft)
-            targets = tokens[offset : offset + n]
-            path = accept(self.speculator.tree, chunk.draft, targets) if chunk.draft else []
-            if chunk.draft:
-                self._keep_accepted_kv(seq, chunk.start, path)
-                self.speculator.stats.record(len(path))
-            emit_rows = [0] + [node + 1 for node in path]
-            for k, (row, token) in enumerate(zip(emit_rows, emitted_tokens(path, targets))):
-                i = offset + row
-                alts = tuple(
-                    Alternative(t, self.tokenizer.decode([t]), lp) for t, lp in result.alternatives[i]
-                )
-                if not self._append_token(seq, token, logprobs[i], alts, skipped=k > 0):
-                    break
-            offset += n
-            if not speculate or seq.seq_id not in self._live:
+        for (chunk, _, hidden, draft_logits), chunk_sampled in zip(sampling, sampled):
+            if chunk_sampled is None or chunk.seq.seq_id not in self._live:
                 continue
-            if draft_logits is not None:  # the heads' logits came with this step's lm_head call
-                row = emit_rows[-1] if chunk.draft else 0
-                seq.next_draft = self.speculator.tree_from_logits(draft_logits[row])
-            else:
-                to_draft.append(seq)
-                hidden_rows.append(hidden[-n:][emit_rows[-1]])
+            try:
+                drafted = self._emit(chunk, chunk_sampled, hidden, draft_logits, speculate)
+            except Exception as exc:  # this request's failure (detokenizer, sink...), not the batch's
+                log.exception("request %s failed", chunk.seq.seq_id)
+                self._fail(chunk.seq, f"generation failed: {exc}")
+                continue
+            if drafted is not None:
+                to_draft.append(chunk.seq)
+                hidden_rows.append(drafted)
         for seq in self.scheduler.running:
             seq.draft, seq.next_draft = seq.next_draft, []
         if to_draft:
             for seq, draft in zip(to_draft, self.speculator.draft(torch.stack(hidden_rows), to_draft)):
                 seq.draft = draft
+
+    def _emit(self, chunk, sampled, hidden, draft_logits, speculate: bool) -> torch.Tensor | None:
+        """Accept the chunk's drafts, emit its tokens, and prepare its next tree. Returns the hidden state to
+        draft from when its heads need a separate call, else None."""
+        tokens, logprobs, alternatives = sampled
+        seq, n = chunk.seq, 1 + len(chunk.draft)
+        path = accept(self.speculator.tree, chunk.draft, tokens) if chunk.draft else []
+        if chunk.draft:
+            self._keep_accepted_kv(seq, chunk.start, path)
+            self.speculator.stats.record(len(path))
+        emit_rows = [0] + [node + 1 for node in path]
+        for k, (row, token) in enumerate(zip(emit_rows, emitted_tokens(path, tokens))):
+            alts = tuple(Alternative(t, self.tokenizer.decode([t]), lp) for t, lp in alternatives[row])
+            if not self._append_token(seq, token, logprobs[row], alts, skipped=k > 0):
+                break
+        if not speculate or seq.seq_id not in self._live:
+            return None
+        if draft_logits is not None:  # the heads' logits came with this step's lm_head call
+            seq.next_draft = self.speculator.tree_from_logits(
+                draft_logits[emit_rows[-1] if chunk.draft else 0]
+            )
+            return None
+        return hidden[-n:][emit_rows[-1]]
 
     def _row_sampling(self, chunk: ScheduledChunk) -> list[RowSampling]:
         """The root row, then each tree node's row, sampled as plain decoding would sample that position:

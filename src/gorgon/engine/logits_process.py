@@ -101,6 +101,29 @@ def typical_filter(logits: torch.Tensor, typical_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, _NEG_INF)
 
 
+def _bounded_scale(value: float, dtype: torch.dtype) -> float:
+    """A temperature or repetition penalty clamped into `[tiny, 1 / tiny]` of `dtype`.
+
+    Validation only asks for > 0, but a scale that rounds to 0 or inf in `dtype` (1e-46, 1e39 in float32) turns
+    `0 / t`, `-inf * p` or `-inf / t` into NaN. Inside these bounds the scalar and its reciprocal (PyTorch may
+    multiply by it) are normal numbers, so the products are finite or +-inf, never NaN; the bounds leave every
+    sensible value untouched (transformers parity) and change nothing a float32 softmax could tell apart.
+    """
+    tiny = torch.finfo(dtype).tiny
+    return min(max(value, tiny), 1.0 / tiny)
+
+
+def _saturate(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Finite logits that the penalties or the temperature pushed past the float range (logit 1e30, penalty
+    1e-3, temperature 1e-6) saturate at +-max instead of +-inf: one +inf makes the softmax NaN for the whole
+    row, and a row where every token went to -inf has no distribution at all; the sampler then drew a token
+    from NaNs, possibly a masked one. Saturated tokens tie, which is the limit as close as the dtype can
+    tell. Tokens that were -inf on input (masked) stay -inf; NaN (only from NaN inputs) means removed.
+    Elementwise, and the identity on rows that did not overflow."""
+    big = torch.finfo(out.dtype).max
+    return torch.where(logits == _NEG_INF, logits, out.nan_to_num(nan=_NEG_INF, posinf=big, neginf=-big))
+
+
 def needs_processing(params: SamplingParams) -> bool:
     """Whether `process_row` would change the logits at all (the sampler skips rows where it would not)."""
     if params.needs_history:
@@ -120,15 +143,18 @@ def process_row(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
         vocab = logits.shape[-1]
         counts = token_counts(history.to(logits.device), vocab, logits.dtype)
         if params.repetition_penalty != 1.0:
-            out = apply_repetition_penalty(out, counts > 0, params.repetition_penalty)
+            penalty = _bounded_scale(params.repetition_penalty, logits.dtype)
+            out = apply_repetition_penalty(out, counts > 0, penalty)
         if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             out = apply_frequency_presence_penalty(
                 out, counts, history.numel(), params.frequency_penalty, params.presence_penalty
             )
+    if not params.greedy and params.temperature != 1.0:
+        out = apply_temperature(out, _bounded_scale(params.temperature, logits.dtype))
+    if out is not logits:  # the scaling steps are the only ones that can overflow (see `_saturate`)
+        out = _saturate(out, logits)
     if params.greedy:
         return out
-    if params.temperature != 1.0:
-        out = apply_temperature(out, params.temperature)
     if params.top_k > 0:
         out = top_k_filter(out, params.top_k)
     if params.top_p < 1.0:
