@@ -159,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine = _load_engine(args)
     engine.start()
-    app = create_app(engine)
+    app = create_app(engine, payload_limit=args.payload_limit)
     log.info("serving %s on http://%s:%d", engine.model_id, args.hostname, args.port)
     try:
         uvicorn.run(app, host=args.hostname, port=args.port, log_level="info", timeout_graceful_shutdown=30)
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_args(serve)
     serve.add_argument("--hostname", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--payload-limit", type=int, default=2_000_000, help="largest request body in bytes (LoRAX's default)"
+    )
     _add_speculation_args(serve)
     _add_adapter_args(serve)
     serve.set_defaults(func=cmd_serve)

@@ -134,6 +134,8 @@ class EngineConfig:
             raise ValueError("--max-batch-total-tokens must be at least --max-total-tokens")
         if self.max_batch_prefill_tokens < 1:
             raise ValueError("--max-batch-prefill-tokens must be positive")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError("--request-timeout must be a positive number of seconds")
 
 
 @dataclass(frozen=True)

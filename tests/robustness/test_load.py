@@ -16,7 +16,6 @@ import time
 
 import httpx
 import pytest
-from conftest import ROBUST_CONFIG
 from helpers import save_tiny_checkpoint, wait_until
 from robustness_report import record
 
@@ -42,7 +41,8 @@ def _idle(engine) -> bool:
 def test_overload_is_refused_fast_and_admitted_requests_complete(robust_url, robust_engine):
     reference = httpx.post(f"{robust_url}/generate", json=BODY, timeout=60).json()["generated_text"]
     baseline = _rss_mib()
-    n = 10 * ROBUST_CONFIG.max_concurrent_requests
+    limit = robust_engine.config.max_concurrent_requests
+    n = 10 * limit
 
     async def one(client):
         start = time.monotonic()
@@ -60,7 +60,7 @@ def test_overload_is_refused_fast_and_admitted_requests_complete(robust_url, rob
     ok = [r for r, _ in results if r.status_code == 200]
     refused = [(r, t) for r, t in results if r.status_code == 429]
     assert len(ok) + len(refused) == len(results)  # nothing else: no 500, nothing lost
-    assert len(ok) >= ROBUST_CONFIG.max_concurrent_requests
+    assert len(ok) >= limit
     assert all(r.json()["generated_text"] == reference for r in ok)
     assert all(r.json()["error_type"] == "overloaded" for r, _ in refused)
     slowest_refusal = max((t for _, t in refused), default=0.0)

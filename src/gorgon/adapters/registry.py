@@ -77,8 +77,10 @@ class AdapterRegistry:
             adapter = await asyncio.to_thread(self._load, key[0], key[1], api_token)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the request's error
             message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-            log.warning("adapter %s could not be loaded: %s", key[0], message)
-            named = message if key[0] in message else f"adapter {key[0]!r}: {message}"
+            shown = _shorten(key[0])
+            message = message.replace(key[0], shown)  # a huge id is not echoed back whole
+            log.warning("adapter %s could not be loaded: %s", shown, message)
+            named = message if shown in message else f"adapter {shown!r}: {message}"
             future.set_exception(GenerationError(named))
             future.exception()  # mark retrieved: a failure with no waiter left is not an error
         else:
@@ -104,3 +106,7 @@ class AdapterRegistry:
 
 def _size(adapter: Any) -> int:
     return int(getattr(adapter, "nbytes", 0) or 0)
+
+
+def _shorten(adapter_id: str, limit: int = 120) -> str:
+    return adapter_id if len(adapter_id) <= limit else f"{adapter_id[: limit - 20]}...({len(adapter_id)} chars)"

@@ -153,7 +153,7 @@ async def lorax_events(
 
 
 def build_lorax_router(engine: Any, metrics: ServerMetrics) -> APIRouter:
-    router = APIRouter(tags=["LoRAX"])
+    router = APIRouter(tags=["LoRAX"], responses=s.GENERATION_ERRORS)
 
     def validate(body: s.GenerateRequest, stream: bool) -> ValidatedRequest:
         return validate_request(

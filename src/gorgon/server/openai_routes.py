@@ -26,14 +26,16 @@ from gorgon.server.generation import (
 )
 from gorgon.server.lorax_routes import CLIENT_CLOSED_STATUS, response_headers
 from gorgon.server.metrics import ServerMetrics
-from gorgon.server.schemas import Parameters
+from gorgon.server.schemas import GENERATION_ERRORS, Parameters
 from gorgon.server.stream import OPENAI_DONE, StopTextFilter, apply_stop_filter, guarded, sse, sse_response
-from gorgon.server.validation import ValidatedRequest, validate_request
+from gorgon.server.validation import MAX_ALTERNATIVES, ValidatedRequest, validate_request
 
 
 def _parameters(
     body: o.OpenAIRequestBase, *, max_new_tokens: int | None, top_n: int | None, **extra: Any
 ) -> Parameters:
+    if body.n is not None and body.n < 1:
+        raise ValidationError("`n` must be strictly positive")
     if body.n not in (None, 1):
         raise ValidationError("`n` > 1 is not supported: send several requests")
     return Parameters(
@@ -54,6 +56,12 @@ def _parameters(
         return_k_alternatives=top_n,
         **extra,
     )
+
+
+def _check_alternatives(name: str, value: int | None) -> None:
+    # Checked under the OpenAI name: the LoRAX rule would speak of `return_k_alternatives`.
+    if value is not None and not 0 <= value <= MAX_ALTERNATIVES:
+        raise ValidationError(f"`{name}` must be >= 0 and <= {MAX_ALTERNATIVES}. Given: {value}")
 
 
 def _finish_reason(final: FinalOutput) -> str:
@@ -104,7 +112,7 @@ def _chat_logprob(t: TokenOutput) -> o.ChatTokenLogprob:
 
 
 def build_openai_router(engine: Any, metrics: ServerMetrics) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["OpenAI"])
+    router = APIRouter(prefix="/v1", tags=["OpenAI"], responses=GENERATION_ERRORS)
 
     def validate(inputs: str, params: Parameters, stream: bool) -> ValidatedRequest:
         return validate_request(
@@ -184,6 +192,7 @@ def build_openai_router(engine: Any, metrics: ServerMetrics) -> APIRouter:
         if body.suffix:
             raise ValidationError("`suffix` is not supported")
         want_logprobs = body.logprobs is not None
+        _check_alternatives("logprobs", body.logprobs)
         params = _parameters(body, max_new_tokens=body.max_tokens, top_n=body.logprobs, best_of=body.best_of)
         v = validate(prompt, params, stream=bool(body.stream))
         cid, created, model = f"cmpl-{v.request.request_id}", int(time.time()), body.model or engine.model_id
@@ -230,6 +239,7 @@ def build_openai_router(engine: Any, metrics: ServerMetrics) -> APIRouter:
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise ValidationError("`response_format` other than text is not supported")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        _check_alternatives("top_logprobs", body.top_logprobs)
         top_n = body.top_logprobs if body.logprobs else None
         max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = _parameters(body, max_new_tokens=max_new, top_n=top_n, apply_chat_template=True)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gorgon.errors import ValidationError
+
 
 def _omit(value: Any) -> bool:
     return value is None
@@ -20,7 +22,8 @@ class StreamOptions(BaseModel):
 
 
 class OpenAIRequestBase(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    # No NaN nor infinities: they would pass every range check (see schemas.Parameters).
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -64,7 +67,12 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part.get("text", "") for part in self.content if part.get("type", "text") == "text")
+        texts = [part.get("text", "") for part in self.content if part.get("type", "text") == "text"]
+        # The parts are free-form dicts: a text part whose `text` is not a string is the client's error (a 422),
+        # not a TypeError in the join below (a 500).
+        if not all(isinstance(t, str) for t in texts):
+            raise ValidationError("`messages`: the `text` of a text content part must be a string")
+        return "".join(texts)
 
 
 class ChatCompletionRequest(OpenAIRequestBase):

@@ -2,7 +2,8 @@
 
 Field names and shapes follow /work/shared/spec/lorax-api.md. Every request field is optional and accepts
 `null`, because `lorax-client` sends every key with `null` for the unset ones: `null` means "default".
-Unknown keys are ignored, as LoRAX does, so newer clients keep working.
+Unknown keys are ignored, as LoRAX does, so newer clients keep working. NaN and infinities (which Python's
+JSON parser reads from `NaN`, `Infinity`, `1e999`) are refused: they would slip past every range check.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def _omit(value: Any) -> bool:
 class Parameters(BaseModel):
     """LoRAX generation parameters; checked in `gorgon.server.validation`, not here, for LoRAX messages."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN compares false with every bound, so `temperature: NaN` would pass `< 0` and sample garbage.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     adapter_id: str | None = None
     adapter_source: str | None = None  # hub | local | s3 | pbase
@@ -138,6 +140,26 @@ class StreamResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     error_type: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses
+    }
+
+
+_ERROR_DESCRIPTIONS = {
+    413: "The request body is over the payload limit (`error_type` validation)",
+    422: "Input validation error (`error_type` validation)",
+    424: "Request failed during generation, e.g. an adapter that cannot be loaded (`error_type` generation)",
+    429: "Model is overloaded (`error_type` overloaded)",
+    500: "Incomplete generation (`error_type` incomplete_generation)",
+    503: "The engine is not ready (`error_type` healthcheck)",
+}
+# Declared in the OpenAPI schema instead of FastAPI's `{"detail": [...]}` 422, which this server never sends.
+REQUEST_ERRORS = _errors(413, 422)
+GENERATION_ERRORS = _errors(413, 422, 424, 429, 500)
+HEALTH_ERRORS = _errors(503)
 
 
 class Info(BaseModel):

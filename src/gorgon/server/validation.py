@@ -65,6 +65,8 @@ def validate_request(
     if decoder_input_details and stream:
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
     stops = tuple(p.stop or ())
+    for stop in stops:
+        check_text("stop", stop)
     if len(stops) > config.max_stop_sequences:
         raise ValidationError(
             f"`stop` supports up to {config.max_stop_sequences} stop sequences. Given: {len(stops)}"
@@ -87,6 +89,7 @@ def validate_request(
     if p.apply_chat_template:
         inputs = render_chat(tokenizer, _messages_from_inputs(inputs))
         add_special_tokens = False  # the template writes BOS itself
+    check_text("inputs", inputs)  # after the template: chat messages arrive JSON-escaped
     prompt_ids = tokenize(tokenizer, inputs, add_special_tokens)
     if p.truncate is not None and len(prompt_ids) > p.truncate:
         prompt_ids = prompt_ids[-p.truncate :]  # keep the end: it is what the model continues
@@ -187,6 +190,17 @@ def resolve_adapter_id(adapter_id: str | None, model_id: str) -> str | None:
     return adapter_id.strip()
 
 
+def check_text(name: str, text: str) -> None:
+    """Refuse text that is not valid Unicode. JSON can carry lone surrogates (`"\\ud800"`) that no tokenizer
+    takes (they would fail with a cryptic type error) and no UTF-8 answer can echo."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValidationError(
+            f"`{name}` is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}"
+        ) from None
+
+
 def tokenize(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
     try:
         return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -210,7 +224,7 @@ def _messages_from_inputs(inputs: str) -> list[dict[str, Any]]:
     # LoRAX clients send the conversation as a JSON list; plain text is one user message.
     try:
         parsed = json.loads(inputs)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting ("[[[[...") overflows the parser: not messages either
         return [{"role": "user", "content": inputs}]
     if isinstance(parsed, list) and all(isinstance(m, dict) and "role" in m for m in parsed):
         return parsed
