@@ -117,9 +117,9 @@ def _saturate(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Finite logits that the penalties or the temperature pushed past the float range (logit 1e30, penalty
     1e-3, temperature 1e-6) saturate at +-max instead of +-inf: one +inf makes the softmax NaN for the whole
     row, and a row where every token went to -inf has no distribution at all; the sampler then drew a token
-    from NaNs, possibly a masked one. Saturated tokens tie, which is the limit as close as the dtype can
-    tell. Tokens that were -inf on input (masked) stay -inf; NaN (only from NaN inputs) means removed.
-    Elementwise, and the identity on rows that did not overflow."""
+    from NaNs, possibly a masked one. Saturated tokens tie (the dtype can no longer order them). Tokens
+    that were -inf on input (masked) stay -inf; NaN (only from NaN inputs or parameters) means removed.
+    Elementwise, and the identity on rows that did not overflow (bitwise: transformers parity holds)."""
     big = torch.finfo(out.dtype).max
     return torch.where(logits == _NEG_INF, logits, out.nan_to_num(nan=_NEG_INF, posinf=big, neginf=-big))
 
