@@ -109,4 +109,6 @@ def _size(adapter: Any) -> int:
 
 
 def _shorten(adapter_id: str, limit: int = 120) -> str:
-    return adapter_id if len(adapter_id) <= limit else f"{adapter_id[: limit - 20]}...({len(adapter_id)} chars)"
+    return (
+        adapter_id if len(adapter_id) <= limit else f"{adapter_id[: limit - 20]}...({len(adapter_id)} chars)"
+    )
