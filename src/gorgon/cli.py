@@ -63,6 +63,13 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
         help="decode steps with more sequences run without drafts",
     )
     p.add_argument(
+        "--speculative-sampling",
+        default="rejection",
+        choices=["rejection", "typical"],
+        help="how sampled requests accept drafts: rejection (lossless, default) or typical (Medusa's, "
+        "faster, changes the output distribution)",
+    )
+    p.add_argument(
         "--no-default-adapter",
         action="store_true",
         help="with the embedded model: do not speculate with its shipped Medusa adapter",
@@ -135,6 +142,7 @@ def _speculation_config(args: argparse.Namespace) -> SpeculationConfig:
         medusa_tree=getattr(args, "medusa_tree", None),
         speculative_tokens=getattr(args, "speculative_tokens", 0),
         max_batch_size=getattr(args, "speculation_max_batch_size", 32),
+        speculative_sampling=getattr(args, "speculative_sampling", "rejection"),
     )
 
 

@@ -148,10 +148,16 @@ class SpeculationConfig:
     speculative_tokens: int = 0  # n-gram lookup when no Medusa adapter is given
     max_batch_size: int = 32  # decode steps with more sequences run without drafts
     api_token: str | None = None
+    # How sampled rows accept drafts: "rejection" keeps the base model's distribution exactly (a draft token
+    # is kept iff it is the token drawn there with that position's random number: rejection sampling of
+    # one-token proposals, coupled); "typical" is Medusa's faster, lossy typical acceptance.
+    speculative_sampling: str = "rejection"
 
     def __post_init__(self) -> None:
         if self.adapter_source not in ("hub", "local"):
             raise ValueError("--adapter-source must be hub or local")
+        if self.speculative_sampling not in ("rejection", "typical"):
+            raise ValueError("--speculative-sampling must be rejection or typical")
         if self.speculative_tokens < 0:
             raise ValueError("--speculative-tokens must not be negative")
         if self.max_batch_size < 0:

@@ -191,3 +191,37 @@ def test_cost_is_measured_at_start(hf_model, tiny_tokenizer):
     model = gorgon_from_hf(hf_model, torch.float32)
     LLMEngine(model, tiny_tokenizer, config, torch.float32, torch.device("cpu"), {1}, spec)
     assert spec.cost is not None and spec.cost.rows[0] == 1 and all(t > 0 for t in spec.cost.seconds_at)
+
+
+def test_typical_acceptance_greedy_unchanged_and_sampled_accepts_more(hf_model, tiny_tokenizer):
+    """--speculative-sampling typical: greedy rows are untouched; sampled rows keep more drafts."""
+    import math
+
+    ps = prompts(4, seed=5)
+    greedy = [request(p) for p in ps]
+    plain = run(engine(hf_model, tiny_tokenizer, torch.float32), greedy)
+    futures = {tuple(p): [t.id for t in f.tokens] for p, f in zip(ps, plain)}
+    tree = CandidateTree.load("chain-3")
+
+    def spec(typical: bool):
+        s = OracleSpeculator(tree, futures, wrong=0.0)
+        s.typical = typical
+        return s
+
+    typ = spec(True)
+    out = run(engine(hf_model, tiny_tokenizer, torch.float32, typ), greedy)
+    assert [[t.id for t in o.tokens] for o in out] == [[t.id for t in o.tokens] for o in plain]
+
+    # Sampled requests drafted with the greedy continuation: lossless acceptance keeps a draft only when the
+    # draw lands on it; typical acceptance keeps it whenever it is likely enough.
+    sampled = [
+        request(p, sampling=SamplingParams(do_sample=True, temperature=0.7, seed=i)) for i, p in enumerate(ps)
+    ]
+    results = {}
+    for typical in (False, True):
+        s = spec(typical)
+        outs = run(engine(hf_model, tiny_tokenizer, torch.float32, s), sampled)
+        assert all(isinstance(o, FinalOutput) and len(o.tokens) == 30 for o in outs)
+        assert all(math.isfinite(t.logprob) for o in outs for t in o.tokens)
+        results[typical] = s.stats.mean_tokens_per_step
+    assert results[True] > results[False], results

@@ -7,6 +7,7 @@ It is driven by `AsyncEngine`'s background thread, or directly by tests and offl
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -26,11 +27,12 @@ from gorgon.engine.request import (
     TokenOutput,
 )
 from gorgon.engine.runner import ModelRunner
-from gorgon.engine.sampler import RowSampling, sample
+from gorgon.engine.sampler import RowSampling, processed_probs, sample
 from gorgon.engine.scheduler import ScheduledChunk, Scheduler, StepPlan
 from gorgon.engine.sequence import Sequence
 from gorgon.engine.speculation import Speculator, StepCost
 from gorgon.models.llama import LlamaModel
+from gorgon.speculative.typical import typical_ok
 from gorgon.speculative.verify import accept, emitted_tokens
 
 log = logging.getLogger(__name__)
@@ -230,6 +232,7 @@ class LLMEngine:
             n = 1 + len(chunk.draft)
             rows.append(self._row_sampling(chunk))
             logits.append(chunk_logits[-n:])
+            chunk.logits_rows = logits[-1]  # typical acceptance reads the processed distributions again
         sampled = self._sample(logits, rows, [c for c, _, _, _ in sampling])
         to_draft, hidden_rows = [], []
         for (chunk, _, hidden, draft_logits), chunk_sampled in zip(sampling, sampled):
@@ -255,14 +258,21 @@ class LLMEngine:
         draft from when its heads need a separate call, else None."""
         tokens, logprobs, alternatives = sampled
         seq, n = chunk.seq, 1 + len(chunk.draft)
-        path = accept(self.speculator.tree, chunk.draft, tokens) if chunk.draft else []
+        typical = probs = None
+        if chunk.draft and self.speculator.typical and not seq.request.sampling.greedy:
+            # Lossy option: a likely enough draft token is kept even where plain decoding drew another.
+            probs = processed_probs(chunk.logits_rows, self._row_sampling(chunk))
+            typical = typical_ok(self.speculator.tree, chunk.draft, probs)
+        path = accept(self.speculator.tree, chunk.draft, tokens, typical) if chunk.draft else []
         if chunk.draft:
             self._keep_accepted_kv(seq, chunk.start, path)
             self.speculator.stats.record(len(path))
         emit_rows = [0] + [node + 1 for node in path]
-        for k, (row, token) in enumerate(zip(emit_rows, emitted_tokens(path, tokens))):
+        for k, (row, token) in enumerate(zip(emit_rows, emitted_tokens(path, tokens, chunk.draft))):
             alts = tuple(Alternative(t, self.tokenizer.decode([t]), lp) for t, lp in alternatives[row])
-            if not self._append_token(seq, token, logprobs[row], alts, skipped=k > 0):
+            # A node token kept by typical acceptance was not drawn: its logprob is read from its row.
+            logprob = logprobs[row] if token == tokens[row] else math.log(float(probs[row, token]))
+            if not self._append_token(seq, token, logprob, alts, skipped=k > 0):
                 break
         if not speculate or seq.seq_id not in self._live:
             return None

@@ -74,6 +74,7 @@ class Speculator:
 
     cost: StepCost | None = None  # measured by the engine at start; None: speculate up to max_batch_size
     heads = None  # Medusa heads (None for drafters that do not use them)
+    typical = False  # Medusa's typical acceptance for sampled rows (lossy); else lossless acceptance
 
     def __init__(self, heads, lm_head: torch.nn.Module, tree: CandidateTree, max_batch_size: int) -> None:
         tree.check_heads(heads.config.num_heads)
@@ -187,11 +188,14 @@ def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, devic
             heads.config.describe(),
             tree.size,
         )
-        return Speculator(heads, model.lm_head, tree, spec.max_batch_size)
-    if spec.speculative_tokens:
+        speculator = Speculator(heads, model.lm_head, tree, spec.max_batch_size)
+    elif spec.speculative_tokens:
         log.info("speculating with n-gram lookup, %d tokens", spec.speculative_tokens)
-        return NgramSpeculator(spec.speculative_tokens, spec.max_batch_size)
-    return None
+        speculator = NgramSpeculator(spec.speculative_tokens, spec.max_batch_size)
+    else:
+        return None
+    speculator.typical = spec.speculative_sampling == "typical"
+    return speculator
 
 
 def load_heads(
