@@ -152,6 +152,8 @@ class SpeculationConfig:
     # is kept iff it is the token drawn there with that position's random number: rejection sampling of
     # one-token proposals, coupled); "typical" is Medusa's faster, lossy typical acceptance.
     speculative_sampling: str = "rejection"
+    # Extra tree branch of this many nodes filled by n-gram prompt lookup (0: none).
+    ngram_branch: int = 0
 
     def __post_init__(self) -> None:
         if self.adapter_source not in ("hub", "local"):

@@ -225,3 +225,35 @@ def test_typical_acceptance_greedy_unchanged_and_sampled_accepts_more(hf_model, 
         assert all(math.isfinite(t.logprob) for o in outs for t in o.tokens)
         results[typical] = s.stats.mean_tokens_per_step
     assert results[True] > results[False], results
+
+
+def test_ngram_branch_fills_its_nodes_and_stays_exact(hf_model, tiny_tokenizer):
+    """--medusa-ngram-branch: an extra chain of nodes (rank past the tree's widest) filled by prompt lookup,
+    or by the heads' next guesses when nothing matches; outputs stay those of plain decoding."""
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+
+    torch.manual_seed(0)
+    heads = MedusaHeads(MedusaConfig(num_heads=3, num_layers=1, version=2, hidden_size=64, vocab_size=320))
+    model = gorgon_from_hf(hf_model, torch.float32)
+    spec = Speculator(heads, model.lm_head, CandidateTree.load("tree-8"), 64, ngram_branch=3)
+    assert spec.tree.size == 11 and len(spec.ngram_nodes) == 3
+    assert [spec.tree.paths[i] for i in spec.ngram_nodes] == [(3,), (3, 3), (3, 3, 3)]
+
+    from types import SimpleNamespace
+
+    logits = torch.randn(3, 320)
+    repeat = SimpleNamespace(token_ids=[5, 6, 7, 8, 9, 5, 6])  # "5 6" occurred before, followed by 7 8 9
+    nodes = spec.tree_from_logits(logits, repeat)
+    assert [nodes[i] for i in spec.ngram_nodes] == [7, 8, 9]
+    fresh = SimpleNamespace(token_ids=[1, 2, 3])  # no match: the branch keeps the heads' rank-3 guesses
+    guesses = logits.topk(4, dim=-1).indices
+    assert [spec.tree_from_logits(logits, fresh)[i] for i in spec.ngram_nodes] == guesses[:, 3].tolist()
+
+    # Repetitive prompts, so the branch matches; outputs equal plain decoding.
+    ps = [[5, 6, 7, 8, 9] * 6, [40, 41, 42] * 10]
+    reqs = [request(p) for p in ps]
+    plain = run(engine(hf_model, tiny_tokenizer, torch.float32), reqs)
+    spec = Speculator(heads, model.lm_head, CandidateTree.load("chain-2"), 64, ngram_branch=3)
+    fast = run(engine(hf_model, tiny_tokenizer, torch.float32, spec), reqs)
+    assert [[t.id for t in o.tokens] for o in fast] == [[t.id for t in o.tokens] for o in plain]
+    assert spec.stats.verified_sequences > 0

@@ -145,6 +145,7 @@ def bench_speculation(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
         medusa_tree=args.medusa_tree,
         speculative_tokens=args.speculative_tokens,
         max_batch_size=args.speculation_max_batch_size,
+        ngram_branch=args.medusa_ngram_branch,
     )
     speculator = build_speculator(spec_config, model, ckpt.model_id, dtype, device)
     plain = LLMEngine(model, ckpt.tokenizer, EngineConfig(), dtype, device, eos)

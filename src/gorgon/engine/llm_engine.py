@@ -278,7 +278,7 @@ class LLMEngine:
             return None
         if draft_logits is not None:  # the heads' logits came with this step's lm_head call
             seq.next_draft = self.speculator.tree_from_logits(
-                draft_logits[emit_rows[-1] if chunk.draft else 0]
+                draft_logits[emit_rows[-1] if chunk.draft else 0], seq
             )
             return None
         return hidden[-n:][emit_rows[-1]]

@@ -75,14 +75,24 @@ class Speculator:
     cost: StepCost | None = None  # measured by the engine at start; None: speculate up to max_batch_size
     heads = None  # Medusa heads (None for drafters that do not use them)
     typical = False  # Medusa's typical acceptance for sampled rows (lossy); else lossless acceptance
+    ngram_nodes: tuple[int, ...] = ()  # tree nodes filled by n-gram lookup (`ngram_branch`)
 
-    def __init__(self, heads, lm_head: torch.nn.Module, tree: CandidateTree, max_batch_size: int) -> None:
+    def __init__(
+        self,
+        heads,
+        lm_head: torch.nn.Module,
+        tree: CandidateTree,
+        max_batch_size: int,
+        ngram_branch: int = 0,
+        max_ngram: int = 3,
+    ) -> None:
         tree.check_heads(heads.config.num_heads)
         self.heads = heads
         self.lm_head = lm_head
-        self.tree = tree
+        self.tree, self.ngram_nodes = _with_ngram_branch(tree, ngram_branch)
+        self.max_ngram = max_ngram
         self.max_batch_size = max_batch_size
-        self.stats = SpeculationStats(accepted_per_depth=[0] * tree.depth)
+        self.stats = SpeculationStats(accepted_per_depth=[0] * self.tree.depth)
 
     @property
     def num_speculative_tokens(self) -> int:
@@ -108,9 +118,19 @@ class Speculator:
             return PRIOR_TOKENS_PER_STEP
         return stats.mean_tokens_per_step
 
-    def tree_from_logits(self, logits: torch.Tensor) -> list[int]:
+    def tree_from_logits(self, logits: torch.Tensor, seq=None) -> list[int]:
         """[depth, V] speculative logits of one sequence -> its candidate tree's node tokens."""
-        return self.tree.node_tokens(logits.topk(self.tree.top_k, dim=-1).indices.tolist())
+        nodes = self.tree.node_tokens(logits.topk(self.tree.top_k, dim=-1).indices.tolist())
+        return self._fill_ngram_branch(nodes, seq)
+
+    def _fill_ngram_branch(self, nodes: list[int], seq) -> list[int]:
+        """The n-gram branch's nodes take what followed the last earlier occurrence of the sequence's last
+        tokens (prompt lookup); without a match they keep their Medusa guesses (the next top-k rank)."""
+        if self.ngram_nodes and seq is not None:
+            follow = lookup(seq.token_ids, len(self.ngram_nodes), self.max_ngram)
+            for node, token in zip(self.ngram_nodes, follow):
+                nodes[node] = token
+        return nodes
 
     @torch.inference_mode()
     def draft(self, hidden: torch.Tensor, seqs: list) -> list[list[int]]:
@@ -125,8 +145,22 @@ class Speculator:
             logits = heads.logits(hidden[members], self.lm_head)[:, : self.tree.depth]  # (n, depth, V)
             guesses = logits.topk(self.tree.top_k, dim=-1).indices.tolist()  # (n, depth, top_k)
             for i, g in zip(members, guesses):
-                trees[i] = self.tree.node_tokens(g)
+                trees[i] = self._fill_ngram_branch(self.tree.node_tokens(g), seqs[i])
         return trees
+
+
+def _with_ngram_branch(tree: CandidateTree, depth: int) -> tuple[CandidateTree, tuple[int, ...]]:
+    """The tree plus a chain of `depth` nodes for n-gram continuations, and those nodes' indices by depth.
+
+    The chain's paths use the rank just past the tree's widest first level (rank R at every depth), so
+    without an n-gram match its nodes still hold real Medusa guesses instead of wasting their rows."""
+    if depth <= 0:
+        return tree, ()
+    rank = tree.top_k
+    chain = [(rank,) * d for d in range(1, min(depth, tree.depth) + 1)]
+    combined = CandidateTree.from_paths(list(tree.paths) + chain)
+    index = {p: i for i, p in enumerate(combined.paths)}
+    return combined, tuple(index[p] for p in chain)
 
 
 class NgramSpeculator(Speculator):
@@ -188,7 +222,7 @@ def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, devic
             heads.config.describe(),
             tree.size,
         )
-        speculator = Speculator(heads, model.lm_head, tree, spec.max_batch_size)
+        speculator = Speculator(heads, model.lm_head, tree, spec.max_batch_size, spec.ngram_branch)
     elif spec.speculative_tokens:
         log.info("speculating with n-gram lookup, %d tokens", spec.speculative_tokens)
         speculator = NgramSpeculator(spec.speculative_tokens, spec.max_batch_size)
