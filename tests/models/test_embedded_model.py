@@ -111,3 +111,34 @@ def test_lora_greedy_matches_peft_float32(checkpoint, tmp_path):
     assert got == pytest.approx([logprobs[i, ids[i + 1]].item() for i in range(len(ids) - 1)], abs=2e-4)
     # The adapter matters: its log-probabilities are not the base model's.
     assert max(abs(g - base[i, ids[i + 1]].item()) for i, g in enumerate(got)) > 1e-2
+
+
+def test_shipped_medusa_adapter_is_exact_in_bfloat16(checkpoint):
+    """The shipped general adapter on the real model, bf16: drafts are accepted often, and greedy outputs with
+    speculation are bitwise those without, alone and in a batch."""
+    from gorgon.adapters.shipped import default_adapter_dir
+    from gorgon.config import SpeculationConfig
+    from gorgon.engine.speculation import build_speculator
+
+    dtype, dev = torch.bfloat16, torch.device("cpu")
+    model = build_model(checkpoint, dtype, dev)
+    spec = SpeculationConfig(adapter_id=str(default_adapter_dir()), adapter_source="local")
+    speculator = build_speculator(spec, model, checkpoint.model_id, dtype, dev)
+    config = EngineConfig(measure_speculation_cost=False)
+    prompts = [chat(checkpoint.tokenizer, q) for q in QUESTIONS]
+
+    def generate(speculator, together: bool):
+        engine = LLMEngine(model, checkpoint.tokenizer, config, dtype, dev, {2}, speculator)
+        results = {}
+        for batch in [prompts] if together else [[p] for p in prompts]:
+            for p in batch:
+                req = GenerationRequest(p, SamplingParams(), StoppingParams(max_new_tokens=64))
+                engine.add_request(req, lambda out, k=tuple(p): results.__setitem__(k, out))
+            while engine.has_work():
+                engine.step()
+        return {k: [t.id for t in v.tokens] for k, v in results.items() if isinstance(v, FinalOutput)}
+
+    plain = generate(None, together=False)
+    assert generate(speculator, together=False) == plain
+    assert generate(speculator, together=True) == plain
+    assert speculator.stats.mean_tokens_per_step > 1.1, speculator.stats
