@@ -72,8 +72,9 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--medusa-ngram-branch",
         type=int,
-        default=0,
-        help="add a branch of N nodes to the Medusa tree, filled by n-gram lookup in the request's own text",
+        default=1,
+        help="a branch of N nodes added to the Medusa tree, filled by n-gram lookup in the request's own text "
+        "(0: none)",
     )
     p.add_argument(
         "--no-default-adapter",
@@ -149,7 +150,7 @@ def _speculation_config(args: argparse.Namespace) -> SpeculationConfig:
         speculative_tokens=getattr(args, "speculative_tokens", 0),
         max_batch_size=getattr(args, "speculation_max_batch_size", 32),
         speculative_sampling=getattr(args, "speculative_sampling", "rejection"),
-        ngram_branch=getattr(args, "medusa_ngram_branch", 0),
+        ngram_branch=getattr(args, "medusa_ngram_branch", 1),
     )
 
 

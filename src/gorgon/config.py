@@ -152,8 +152,10 @@ class SpeculationConfig:
     # is kept iff it is the token drawn there with that position's random number: rejection sampling of
     # one-token proposals, coupled); "typical" is Medusa's faster, lossy typical acceptance.
     speculative_sampling: str = "rejection"
-    # Extra tree branch of this many nodes filled by n-gram prompt lookup (0: none).
-    ngram_branch: int = 0
+    # Extra tree branch of this many nodes filled by n-gram prompt lookup (0: none). One node by default: on
+    # the embedded model it lifted held-out chat from 1.16x to 1.24x and code from 1.12x to 1.24x (one run
+    # each); deeper branches accepted more tokens but cost more rows than they saved on this CPU.
+    ngram_branch: int = 1
 
     def __post_init__(self) -> None:
         if self.adapter_source not in ("hub", "local"):
@@ -164,6 +166,8 @@ class SpeculationConfig:
             raise ValueError("--speculative-tokens must not be negative")
         if self.max_batch_size < 0:
             raise ValueError("--speculation-max-batch-size must not be negative")
+        if self.ngram_branch < 0:
+            raise ValueError("--medusa-ngram-branch must not be negative")
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ class Speculator:
         tree.check_heads(heads.config.num_heads)
         self.heads = heads
         self.lm_head = lm_head
-        self.tree, self.ngram_nodes = _with_ngram_branch(tree, ngram_branch)
+        self.tree, self.ngram_nodes = _with_ngram_branch(tree, min(ngram_branch, heads.config.num_heads))
         self.max_ngram = max_ngram
         self.max_batch_size = max_batch_size
         self.stats = SpeculationStats(accepted_per_depth=[0] * self.tree.depth)
@@ -150,14 +150,15 @@ class Speculator:
 
 
 def _with_ngram_branch(tree: CandidateTree, depth: int) -> tuple[CandidateTree, tuple[int, ...]]:
-    """The tree plus a chain of `depth` nodes for n-gram continuations, and those nodes' indices by depth.
+    """The tree plus a chain of `depth` nodes (at most the number of heads) for n-gram continuations, and
+    those nodes' indices by depth.
 
     The chain's paths use the rank just past the tree's widest first level (rank R at every depth), so
     without an n-gram match its nodes still hold real Medusa guesses instead of wasting their rows."""
     if depth <= 0:
         return tree, ()
     rank = tree.top_k
-    chain = [(rank,) * d for d in range(1, min(depth, tree.depth) + 1)]
+    chain = [(rank,) * d for d in range(1, depth + 1)]  # deeper than the tree is fine: the heads reach it
     combined = CandidateTree.from_paths(list(tree.paths) + chain)
     index = {p: i for i, p in enumerate(combined.paths)}
     return combined, tuple(index[p] for p in chain)
