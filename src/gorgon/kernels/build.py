@@ -50,6 +50,7 @@ def cpu_extension():
     root = Path(os.environ.get("GORGON_CACHE_DIR") or user_cache_dir("gorgon"))
     build_dir = root / "kernels" / f"cpu_{digest[:12]}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir)
     log.info("loading CPU kernels (the first use compiles them, about a minute)")
     try:
         return load(
@@ -63,3 +64,21 @@ def cpu_extension():
     except Exception as exc:  # noqa: BLE001 - no compiler, old toolchain...: stay correct, just slower
         log.warning("could not build CPU kernels (%s): using PyTorch ops", exc)
         return None
+
+
+STALE_LOCK_SECONDS = 600  # a build takes one to three minutes here
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """torch's extension builder waits forever on a `lock` file left by a process killed while it held it
+    (even a process that only checked an existing build): remove one older than any build takes."""
+    import time
+
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing a stale kernel build lock (%.0f s old): %s", age, lock)
+        lock.unlink(missing_ok=True)
