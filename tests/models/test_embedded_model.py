@@ -113,16 +113,17 @@ def test_lora_greedy_matches_peft_float32(checkpoint, tmp_path):
     assert max(abs(g - base[i, ids[i + 1]].item()) for i, g in enumerate(got)) > 1e-2
 
 
-def test_shipped_medusa_adapter_is_exact_in_bfloat16(checkpoint):
-    """The shipped general adapter on the real model, bf16: drafts are accepted often, and greedy outputs with
+@pytest.mark.parametrize("name", ["smollm2-135m-general", "smollm2-135m-code"])
+def test_shipped_medusa_adapters_are_exact_in_bfloat16(checkpoint, name):
+    """The shipped adapters on the real model, bf16: drafts are accepted often, and greedy outputs with
     speculation are bitwise those without, alone and in a batch."""
-    from gorgon.adapters.shipped import default_adapter_dir
+    from gorgon.adapters.shipped import shipped_adapter_dir
     from gorgon.config import SpeculationConfig
     from gorgon.engine.speculation import build_speculator
 
     dtype, dev = torch.bfloat16, torch.device("cpu")
     model = build_model(checkpoint, dtype, dev)
-    spec = SpeculationConfig(adapter_id=str(default_adapter_dir()), adapter_source="local")
+    spec = SpeculationConfig(adapter_id=str(shipped_adapter_dir(name)), adapter_source="local")
     speculator = build_speculator(spec, model, checkpoint.model_id, dtype, dev)
     config = EngineConfig(measure_speculation_cost=False)
     prompts = [chat(checkpoint.tokenizer, q) for q in QUESTIONS]
