@@ -2,7 +2,8 @@
 `validate_request` either returns a request the engine can run as asked (every invariant below holds) or
 raises `gorgon.errors.ValidationError` with a message; never another exception (which would be a 500).
 
-The OpenAI routes map their bodies onto `Parameters` (`openai_routes._parameters`) and validate them with the
+The OpenAI routes map their bodies onto `Parameters` (`openai_routes.completion_inputs`, `chat_inputs`) and
+validate them with the
 same function: the same must hold there.
 
 Values the schema itself refuses (a pydantic error: 422 before validation runs) are skipped. The bugs these
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from gorgon.errors import ValidationError
 from gorgon.server import openai_schemas as o
-from gorgon.server.openai_routes import _parameters
+from gorgon.server.openai_routes import chat_inputs, completion_inputs
 from gorgon.server.schemas import Parameters
 from gorgon.server.validation import ADAPTER_SOURCES, MAX_ALTERNATIVES, MAX_SEED, validate_request
 
@@ -358,33 +359,6 @@ CHAT_BODIES = st.fixed_dictionaries(
 )
 
 
-def _map_completion(body: o.CompletionRequest) -> tuple[str, Parameters]:
-    """What `/v1/completions` hands to `validate_request` (openai_routes.completions, up to `validate`)."""
-    if isinstance(body.prompt, list):
-        if len(body.prompt) != 1:
-            raise ValidationError("`prompt` must be one string (batches are not supported)")
-        prompt = body.prompt[0]
-    else:
-        prompt = body.prompt
-    if body.suffix:
-        raise ValidationError("`suffix` is not supported")
-    params = _parameters(body, max_new_tokens=body.max_tokens, top_n=body.logprobs, best_of=body.best_of)
-    return prompt, params
-
-
-def _map_chat(body: o.ChatCompletionRequest) -> tuple[str, Parameters]:
-    """What `/v1/chat/completions` hands to `validate_request` (openai_routes.chat_completions)."""
-    if body.tools:
-        raise ValidationError("`tools` is not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise ValidationError("`response_format` other than text is not supported")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    top_n = body.top_logprobs if body.logprobs else None
-    max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _parameters(body, max_new_tokens=max_new, top_n=top_n, apply_chat_template=True)
-    return json.dumps(messages), params
-
-
 def _check_openai(tokenizer, body, mapping):
     """The mapping then the validation: a sound request or a ValidationError. Returns the request or None."""
     try:
@@ -404,7 +378,7 @@ def test_openai_completion_mapping_raises_only_validation_errors(tiny_tokenizer,
         body = o.CompletionRequest.model_validate(fields)
     except pydantic.ValidationError:
         return  # the schema's own 422
-    v = _check_openai(tiny_tokenizer, body, _map_completion)
+    v = _check_openai(tiny_tokenizer, body, completion_inputs)
     if v is not None:
         assert body.n in (None, 1) and not body.suffix
         assert v.request.top_n_tokens == (body.logprobs or 0)
@@ -418,7 +392,7 @@ def test_openai_chat_mapping_raises_only_validation_errors(tiny_tokenizer, field
         body = o.ChatCompletionRequest.model_validate(fields)
     except pydantic.ValidationError:
         return
-    v = _check_openai(tiny_tokenizer, body, _map_chat)
+    v = _check_openai(tiny_tokenizer, body, chat_inputs)
     if v is not None:
         assert body.messages and not body.tools and body.n in (None, 1)
         # The prompt is the chat template's rendering of the messages, ready for the assistant's turn.
@@ -465,5 +439,5 @@ def test_chat_text_part_that_is_not_a_string_is_a_validation_error(tiny_tokenize
         {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}], "max_tokens": 4}
     )
     with pytest.raises(ValidationError) as e:
-        _map_chat(body)
+        chat_inputs(body)
     _check_message(e.value)

@@ -58,6 +58,37 @@ def _parameters(
     )
 
 
+def completion_inputs(body: o.CompletionRequest) -> tuple[str, Parameters]:
+    """The prompt and LoRAX parameters of a `/v1/completions` request (raises ValidationError)."""
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise ValidationError("`prompt` must be one string (batches are not supported)")
+        prompt = body.prompt[0]
+    else:
+        prompt = body.prompt
+    if body.suffix:
+        raise ValidationError("`suffix` is not supported")
+    _check_alternatives("logprobs", body.logprobs)
+    return prompt, _parameters(
+        body, max_new_tokens=body.max_tokens, top_n=body.logprobs, best_of=body.best_of
+    )
+
+
+def chat_inputs(body: o.ChatCompletionRequest) -> tuple[str, Parameters]:
+    """The messages (as the JSON `inputs` the chat template reads) and LoRAX parameters of a
+    `/v1/chat/completions` request (raises ValidationError)."""
+    if body.tools:
+        raise ValidationError("`tools` is not supported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise ValidationError("`response_format` other than text is not supported")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    _check_alternatives("top_logprobs", body.top_logprobs)
+    top_n = body.top_logprobs if body.logprobs else None
+    max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _parameters(body, max_new_tokens=max_new, top_n=top_n, apply_chat_template=True)
+    return json.dumps(messages), params
+
+
 def _check_alternatives(name: str, value: int | None) -> None:
     # Checked under the OpenAI name: the LoRAX rule would speak of `return_k_alternatives`.
     if value is not None and not 0 <= value <= MAX_ALTERNATIVES:
@@ -183,17 +214,8 @@ def build_openai_router(engine: Any, metrics: ServerMetrics) -> APIRouter:
         "/completions", summary="OpenAI completions", responses={200: {"model": o.CompletionResponse}}
     )
     async def completions(http_request: Request, body: o.CompletionRequest) -> Response:
-        if isinstance(body.prompt, list):
-            if len(body.prompt) != 1:
-                raise ValidationError("`prompt` must be one string (batches are not supported)")
-            prompt = body.prompt[0]
-        else:
-            prompt = body.prompt
-        if body.suffix:
-            raise ValidationError("`suffix` is not supported")
+        prompt, params = completion_inputs(body)
         want_logprobs = body.logprobs is not None
-        _check_alternatives("logprobs", body.logprobs)
-        params = _parameters(body, max_new_tokens=body.max_tokens, top_n=body.logprobs, best_of=body.best_of)
         v = validate(prompt, params, stream=bool(body.stream))
         cid, created, model = f"cmpl-{v.request.request_id}", int(time.time()), body.model or engine.model_id
         echo = prompt if body.echo else ""
@@ -234,16 +256,8 @@ def build_openai_router(engine: Any, metrics: ServerMetrics) -> APIRouter:
         responses={200: {"model": o.ChatCompletionResponse}},
     )
     async def chat_completions(http_request: Request, body: o.ChatCompletionRequest) -> Response:
-        if body.tools:
-            raise ValidationError("`tools` is not supported")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise ValidationError("`response_format` other than text is not supported")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        _check_alternatives("top_logprobs", body.top_logprobs)
-        top_n = body.top_logprobs if body.logprobs else None
-        max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = _parameters(body, max_new_tokens=max_new, top_n=top_n, apply_chat_template=True)
-        v = validate(json.dumps(messages), params, stream=bool(body.stream))
+        inputs, params = chat_inputs(body)
+        v = validate(inputs, params, stream=bool(body.stream))
         cid, created, model = (
             f"chatcmpl-{v.request.request_id}",
             int(time.time()),
