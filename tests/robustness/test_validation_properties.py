@@ -3,8 +3,7 @@
 raises `gorgon.errors.ValidationError` with a message; never another exception (which would be a 500).
 
 The OpenAI routes map their bodies onto `Parameters` (`openai_routes.completion_inputs`, `chat_inputs`) and
-validate them with the
-same function: the same must hold there.
+validate them with the same function: the same must hold there.
 
 Values the schema itself refuses (a pydantic error: 422 before validation runs) are skipped. The bugs these
 properties found (NaN/inf parameters accepted, RecursionError on deeply nested chat inputs, TypeError on a
