@@ -214,3 +214,13 @@ def save_peft_adapter(hf_model, path, seed: int = 0, std: float = 0.05, **lora_k
                 p.normal_(0, std)
     model.save_pretrained(str(path))
     return model.eval()
+
+
+async def final_tokens(engine, request) -> list[int]:
+    """The token ids of `request` run to its end through an `AsyncEngine` (raises its error)."""
+    from gorgon.engine.request import FinalOutput
+
+    async for out in engine.generate(request):
+        if isinstance(out, FinalOutput):
+            return [t.id for t in out.tokens]
+    raise AssertionError("no final output")

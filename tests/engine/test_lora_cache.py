@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 import torch
-from helpers import build_tiny_tokenizer, save_peft_adapter, serve, tiny_hf_model
+from helpers import build_tiny_tokenizer, final_tokens, save_peft_adapter, serve, tiny_hf_model
 
 from gorgon.config import AdapterConfig, EngineConfig
 from gorgon.engine.engine import AsyncEngine
-from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams
+from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
 from gorgon.errors import GenerationError
 
 CONFIG = EngineConfig(
@@ -63,21 +63,14 @@ def _request(adapter=None, max_new=12):
     )
 
 
-async def _tokens(eng, req):
-    async for out in eng.generate(req):
-        if isinstance(out, FinalOutput):
-            return [t.id for t in out.tokens]
-    raise AssertionError("no final output")
-
-
 def test_lru_eviction_by_count(setup):
     eng = _engine(setup, max_active_adapters=2)
     try:
         ids = [str(setup / f"lora{i}") for i in range(3)]
-        first = [asyncio.run(_tokens(eng, _request(a))) for a in ids]
+        first = [asyncio.run(final_tokens(eng, _request(a))) for a in ids]
         assert eng.adapters.loads == 3 and len(eng.adapters) == 2 and eng.adapters.evictions == 1
         assert not eng.adapters.cached(ids[0], "local")
-        assert asyncio.run(_tokens(eng, _request(ids[0]))) == first[0]  # reloaded, same tokens
+        assert asyncio.run(final_tokens(eng, _request(ids[0]))) == first[0]  # reloaded, same tokens
         assert eng.adapters.loads == 4
         assert len({tuple(t) for t in first}) == 3  # the adapters really differ
     finally:
@@ -88,11 +81,11 @@ def test_memory_budget_evicts_and_refuses(setup):
     eng = _engine(setup)
     try:
         a0, a1 = str(setup / "lora0"), str(setup / "lora1")
-        asyncio.run(_tokens(eng, _request(a0)))
+        asyncio.run(final_tokens(eng, _request(a0)))
         size = eng.adapters.nbytes
         assert size > 0
         eng.adapters._max_bytes = int(size * 1.5)  # room for one adapter only
-        asyncio.run(_tokens(eng, _request(a1)))
+        asyncio.run(final_tokens(eng, _request(a1)))
         assert eng.adapters.cached(a1, "local") and not eng.adapters.cached(a0, "local")
         eng.adapters._max_bytes = size // 2
         # An adapter over the whole budget is refused before it is loaded (budget fixed by the loader).
@@ -101,7 +94,7 @@ def test_memory_budget_evicts_and_refuses(setup):
     small = _engine(setup, memory_fraction=1e-9)
     try:
         with pytest.raises(GenerationError, match="too large"):
-            asyncio.run(_tokens(small, _request(str(setup / "lora2"))))
+            asyncio.run(final_tokens(small, _request(str(setup / "lora2"))))
     finally:
         small.shutdown()
 
@@ -113,8 +106,8 @@ def test_preloaded_adapters_stay(setup):
     )
     try:
         assert eng.adapters.cached(keep, "local") and eng.adapters.loads == 1
-        asyncio.run(_tokens(eng, _request(str(setup / "lora0"))))
-        asyncio.run(_tokens(eng, _request(keep)))
+        asyncio.run(final_tokens(eng, _request(str(setup / "lora0"))))
+        asyncio.run(final_tokens(eng, _request(keep)))
         assert eng.adapters.cached(keep, "local") and eng.adapters.loads == 2  # never evicted, never reloaded
     finally:
         eng.shutdown()
@@ -132,9 +125,9 @@ def test_concurrent_requests_load_once_and_others_stream_meanwhile(setup):
     try:
 
         async def run():
-            loading = asyncio.gather(*(_tokens(eng, _request(str(setup / "lora1"))) for _ in range(4)))
+            loading = asyncio.gather(*(final_tokens(eng, _request(str(setup / "lora1"))) for _ in range(4)))
             await asyncio.sleep(0.1)  # the adapter is loading now (for a second)
-            base = await _tokens(eng, _request(None, max_new=40))
+            base = await final_tokens(eng, _request(None, max_new=40))
             streamed_while_loading = not loading.done()
             return await loading, base, streamed_while_loading
 
@@ -150,12 +143,12 @@ def test_evicted_adapter_keeps_serving_its_running_request(setup):
     eng = _engine(setup, max_active_adapters=1)
     try:
         a0, a1 = str(setup / "lora0"), str(setup / "lora1")
-        alone = asyncio.run(_tokens(eng, _request(a0, max_new=60)))
+        alone = asyncio.run(final_tokens(eng, _request(a0, max_new=60)))
 
         async def run():
-            first = asyncio.create_task(_tokens(eng, _request(a0, max_new=60)))
+            first = asyncio.create_task(final_tokens(eng, _request(a0, max_new=60)))
             await asyncio.sleep(0.05)
-            await _tokens(eng, _request(a1))  # evicts a0 while its request runs
+            await final_tokens(eng, _request(a1))  # evicts a0 while its request runs
             return await first
 
         assert asyncio.run(run()) == alone
@@ -176,8 +169,8 @@ def test_bad_adapter_fails_its_request_only(setup, name, message):
     try:
 
         async def run():
-            good = [_tokens(eng, _request(str(setup / "lora0"))), _tokens(eng, _request(None))]
-            bad = _tokens(eng, _request(str(setup / name)))
+            good = [final_tokens(eng, _request(str(setup / "lora0"))), final_tokens(eng, _request(None))]
+            bad = final_tokens(eng, _request(str(setup / name)))
             return await asyncio.gather(*good, bad, return_exceptions=True)
 
         ok0, ok1, err = asyncio.run(run())

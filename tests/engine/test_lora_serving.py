@@ -8,13 +8,13 @@ import asyncio
 
 import pytest
 import torch
-from helpers import build_tiny_tokenizer, gorgon_from_hf, save_peft_adapter, tiny_hf_model
+from helpers import build_tiny_tokenizer, final_tokens, gorgon_from_hf, save_peft_adapter, tiny_hf_model
 
 from gorgon.adapters.lora import load_lora_adapter
 from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.engine.engine import AsyncEngine
 from gorgon.engine.kv_cache import KVCache, SlotAllocator
-from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams
+from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
 from gorgon.engine.runner import ModelRunner
 from gorgon.engine.scheduler import ScheduledChunk, StepPlan
 from gorgon.engine.sequence import Sequence
@@ -136,13 +136,6 @@ def _request(prompt, adapter=None, max_new=20):
     )
 
 
-async def _tokens(eng, req):
-    async for out in eng.generate(req):
-        if isinstance(out, FinalOutput):
-            return [t.id for t in out.tokens]
-    raise AssertionError("no final output")
-
-
 def _hf_greedy(model, prompt, n=20):
     with torch.no_grad():
         out = model.generate(
@@ -160,7 +153,7 @@ def test_mixed_adapters_greedy_equal_peft(served, speculate):
     try:
 
         async def run():
-            return await asyncio.gather(*(_tokens(eng, _request(p, ids[n])) for p, n in jobs))
+            return await asyncio.gather(*(final_tokens(eng, _request(p, ids[n])) for p, n in jobs))
 
         got = asyncio.run(run())
     finally:
@@ -179,11 +172,13 @@ def test_bf16_lora_tokens_independent_of_batch_and_speculation(served):
     for spec in (None, SpeculationConfig(adapter_id=served["medusa"], adapter_source="local")):
         eng = _engine(served, dtype="bfloat16", speculation=spec)
         try:
-            alone = asyncio.run(_tokens(eng, _request(PROMPTS[0], a, max_new=32)))
+            alone = asyncio.run(final_tokens(eng, _request(PROMPTS[0], a, max_new=32)))
 
             async def crowd(eng=eng):
-                others = [_tokens(eng, _request(p, n, max_new=32)) for p in PROMPTS[1:] for n in (b, None, a)]
-                return await asyncio.gather(_tokens(eng, _request(PROMPTS[0], a, max_new=32)), *others)
+                others = [
+                    final_tokens(eng, _request(p, n, max_new=32)) for p in PROMPTS[1:] for n in (b, None, a)
+                ]
+                return await asyncio.gather(final_tokens(eng, _request(PROMPTS[0], a, max_new=32)), *others)
 
             results += [alone, asyncio.run(crowd())[0]]
         finally:
@@ -242,19 +237,19 @@ def test_lora_with_its_own_medusa_heads(served, tmp_path):
         joint[name] = str(tmp_path / name)
     eng = _engine(served, speculation=SpeculationConfig(adapter_id=served["medusa"], adapter_source="local"))
     try:
-        tokens = asyncio.run(_tokens(eng, _request(PROMPTS[0], joint["joint"])))
+        tokens = asyncio.run(final_tokens(eng, _request(PROMPTS[0], joint["joint"])))
         assert tokens == _hf_greedy(served["refs"]["a"], PROMPTS[0])
         loaded = asyncio.run(eng.adapters.get(joint["joint"], "local"))
         assert loaded.lora is not None and loaded.medusa is not None
         with pytest.raises(GenerationError, match="cannot be loaded per request"):
-            asyncio.run(_tokens(eng, _request(PROMPTS[0], joint["joint_v1"])))
+            asyncio.run(final_tokens(eng, _request(PROMPTS[0], joint["joint_v1"])))
         with pytest.raises(GenerationError, match="2 heads"):
-            asyncio.run(_tokens(eng, _request(PROMPTS[0], joint["joint_2heads"])))
+            asyncio.run(final_tokens(eng, _request(PROMPTS[0], joint["joint_2heads"])))
     finally:
         eng.shutdown()
     plain = _engine(served)  # no default Medusa adapter: the LoRA serves, its heads stay unused
     try:
-        assert asyncio.run(_tokens(plain, _request(PROMPTS[0], joint["joint"]))) == tokens
+        assert asyncio.run(final_tokens(plain, _request(PROMPTS[0], joint["joint"]))) == tokens
         assert asyncio.run(plain.adapters.get(joint["joint"], "local")).medusa is None
     finally:
         plain.shutdown()
@@ -270,9 +265,9 @@ def test_default_lora_adapter(served):
 
         async def run():
             return await asyncio.gather(
-                _tokens(eng, _request(PROMPTS[0])),
-                _tokens(eng, _request(PROMPTS[0], a)),
-                _tokens(eng, _request(PROMPTS[0], b)),
+                final_tokens(eng, _request(PROMPTS[0])),
+                final_tokens(eng, _request(PROMPTS[0], a)),
+                final_tokens(eng, _request(PROMPTS[0], b)),
             )
 
         default, named, other = asyncio.run(run())
@@ -300,7 +295,7 @@ def test_greedy_equal_peft_for_each_family(family, tmp_path):
 
         async def run():
             ids = {n: str(tmp_path / n) for n in refs} | {None: None}
-            return await asyncio.gather(*(_tokens(eng, _request(p, ids[n])) for p, n in jobs))
+            return await asyncio.gather(*(final_tokens(eng, _request(p, ids[n])) for p, n in jobs))
 
         got = asyncio.run(run())
     finally:

@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 import torch
-from helpers import build_tiny_tokenizer, tiny_hf_model
+from helpers import build_tiny_tokenizer, final_tokens, tiny_hf_model
 
 from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
 from gorgon.adapters.medusa_io import save_medusa_adapter
 from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.engine.engine import AsyncEngine
-from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams
+from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
 from gorgon.errors import GenerationError
 
 CONFIG = EngineConfig(
@@ -74,13 +74,6 @@ def request(prompt, adapter_id=None, source="local"):
     )
 
 
-async def collect(eng, req):
-    async for out in eng.generate(req):
-        if isinstance(out, FinalOutput):
-            return [t.id for t in out.tokens]
-    raise AssertionError("no final output")
-
-
 PROMPTS = [[5, 9, 11, 40, 3], [7, 7, 8, 100, 101, 102], [60, 61, 62]]
 
 
@@ -88,13 +81,13 @@ def test_default_and_per_request_adapters_in_one_batch(checkpoint, adapters):
     plain = engine(checkpoint)
     spec = engine(checkpoint, SpeculationConfig(adapter_id=adapters["default"], adapter_source="local"))
     try:
-        expected = [asyncio.run(collect(plain, request(p))) for p in PROMPTS]
+        expected = [asyncio.run(final_tokens(plain, request(p))) for p in PROMPTS]
         assert spec.speculate == 3
 
         async def mixed():
             ids = [None, adapters["other"], adapters["third"], adapters["other"], adapters["default"]]
             reqs = [request(PROMPTS[i % 3], a) for i, a in enumerate(ids)]
-            return await asyncio.gather(*(collect(spec, r) for r in reqs))
+            return await asyncio.gather(*(final_tokens(spec, r) for r in reqs))
 
         results = asyncio.run(mixed())
         for i, tokens in enumerate(results):
@@ -119,9 +112,9 @@ def test_per_request_rules(checkpoint, adapters, tmp_path, name, message):
     try:
         adapter = adapters.get(name, str(tmp_path / "nowhere"))
         with pytest.raises(GenerationError, match=message):
-            asyncio.run(collect(spec, request(PROMPTS[0], adapter)))
+            asyncio.run(final_tokens(spec, request(PROMPTS[0], adapter)))
         # The server goes on serving.
-        assert len(asyncio.run(collect(spec, request(PROMPTS[1])))) == 24
+        assert len(asyncio.run(final_tokens(spec, request(PROMPTS[1])))) == 24
     finally:
         spec.shutdown()
 
@@ -130,7 +123,7 @@ def test_per_request_needs_a_default_medusa_adapter(checkpoint, adapters):
     eng = engine(checkpoint)
     try:
         with pytest.raises(GenerationError, match="default Medusa adapter"):
-            asyncio.run(collect(eng, request(PROMPTS[0], adapters["other"])))
+            asyncio.run(final_tokens(eng, request(PROMPTS[0], adapters["other"])))
     finally:
         eng.shutdown()
 
@@ -140,6 +133,6 @@ def test_lora_directory_without_weights_fails_clearly(checkpoint, adapters, tmp_
     spec = engine(checkpoint, SpeculationConfig(adapter_id=adapters["default"], adapter_source="local"))
     try:
         with pytest.raises(GenerationError, match="LoRA adapter .* has no weights"):
-            asyncio.run(collect(spec, request(PROMPTS[0], str(tmp_path))))
+            asyncio.run(final_tokens(spec, request(PROMPTS[0], str(tmp_path))))
     finally:
         spec.shutdown()
