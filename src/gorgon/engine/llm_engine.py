@@ -232,14 +232,13 @@ class LLMEngine:
             n = 1 + len(chunk.draft)
             rows.append(self._row_sampling(chunk))
             logits.append(chunk_logits[-n:])
-            chunk.logits_rows = logits[-1]  # typical acceptance reads the processed distributions again
         sampled = self._sample(logits, rows, [c for c, _, _, _ in sampling])
         to_draft, hidden_rows = [], []
-        for (chunk, _, hidden, draft_logits), chunk_sampled in zip(sampling, sampled):
+        for (chunk, _, hidden, draft_logits), chunk_sampled, lg, rs in zip(sampling, sampled, logits, rows):
             if chunk_sampled is None or chunk.seq.seq_id not in self._live:
                 continue
             try:
-                drafted = self._emit(chunk, chunk_sampled, hidden, draft_logits, speculate)
+                drafted = self._emit(chunk, chunk_sampled, (lg, rs), hidden, draft_logits, speculate)
             except Exception as exc:  # this request's failure (detokenizer, sink...), not the batch's
                 log.exception("request %s failed", chunk.seq.seq_id)
                 self._fail(chunk.seq, f"generation failed: {exc}")
@@ -253,15 +252,16 @@ class LLMEngine:
             for seq, draft in zip(to_draft, self.speculator.draft(torch.stack(hidden_rows), to_draft)):
                 seq.draft = draft
 
-    def _emit(self, chunk, sampled, hidden, draft_logits, speculate: bool) -> torch.Tensor | None:
-        """Accept the chunk's drafts, emit its tokens, and prepare its next tree. Returns the hidden state to
-        draft from when its heads need a separate call, else None."""
+    def _emit(self, chunk, sampled, source, hidden, draft_logits, speculate: bool) -> torch.Tensor | None:
+        """Accept the chunk's drafts, emit its tokens, and prepare its next tree. `source`: the logits and
+        RowSampling its tokens were sampled from. Returns the hidden state to draft from when its heads need
+        a separate call, else None."""
         tokens, logprobs, alternatives = sampled
         seq, n = chunk.seq, 1 + len(chunk.draft)
         typical = probs = None
         if chunk.draft and self.speculator.typical and not seq.request.sampling.greedy:
             # Lossy option: a likely enough draft token is kept even where plain decoding drew another.
-            probs = processed_probs(chunk.logits_rows, self._row_sampling(chunk))
+            probs = processed_probs(*source)
             typical = typical_ok(self.speculator.tree, chunk.draft, probs)
         path = accept(self.speculator.tree, chunk.draft, tokens, typical) if chunk.draft else []
         if chunk.draft:

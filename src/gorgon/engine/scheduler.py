@@ -27,7 +27,6 @@ class ScheduledChunk:
     draft: list[int] = field(default_factory=list)  # candidate tree tokens verified after the (one) token
     # Medusa v2 heads whose next drafts ride along in this step's lm_head call (None: drafted separately).
     draft_heads: Any = None
-    logits_rows: Any = None  # the step's logits of the rows it samples (set by the engine)
 
     @property
     def end(self) -> int:
