@@ -18,8 +18,9 @@ def _setup(seed=0):
     return k, v, g
 
 
-def _run(q, k, v, seqs, use_kernel, window=None):
-    """seqs: list of (slot list of the sequence, positions of its query rows); rows laid out in order."""
+def _run(q, k, v, seqs, use_kernel, window=None, groups=None):
+    """seqs: list of (slot list of the sequence, positions of its query rows); rows laid out in order.
+    groups: per sequence, the first sequence of its group (rows that share a key prefix)."""
     seq_rows, seq_pos, row = [], [], 0
     for _, pos in seqs:
         seq_rows.append(list(range(row, row + len(pos))))
@@ -34,6 +35,7 @@ def _run(q, k, v, seqs, use_kernel, window=None):
         window,
         use_kernel,
         torch.device("cpu"),
+        seq_group=groups,
     )
     return paged_attention(q, k, v, meta)
 
@@ -74,3 +76,57 @@ def test_rows_do_not_depend_on_company(use_kernel):
     for i in range(8):
         assert torch.equal(together[i], alone[i])
         assert torch.equal(crowd[3 + i], alone[i])
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("root", [255, 600, 1021])
+def test_tree_rows_sharing_a_prefix_match_rows_alone(window, root):
+    """A sequence's row and its candidate-tree rows, tiled together (keys gathered once from the deepest row's
+    slots), give exactly the bits each row gets alone, with the same keys, across block boundaries too."""
+    k, v, g = _setup(2)
+    perm = (torch.randperm(SLOTS - 1, generator=g) + 1).tolist()
+    prefix, node_slots = perm[: root + 1], perm[root + 1 : root + 9]
+    ancestors = [[], [0], [0, 1], [0, 1, 2], [4], [4, 5]]  # tree nodes by their ancestors (node indices)
+    seqs = [(prefix, [root])]
+    for i, chain in enumerate(ancestors):
+        seqs.append((prefix + [node_slots[a] for a in chain] + [node_slots[i]], [root + len(chain) + 1]))
+    q = torch.randn(len(seqs), HEADS, D, generator=g)
+    together = _run(q, k, v, seqs, True, window, groups=[0] * len(seqs))
+    ref = _run(q, k, v, seqs, False, window)
+    torch.testing.assert_close(together, ref, atol=1e-5, rtol=1e-5)
+    for i, seq in enumerate(seqs):
+        alone = _run(q[i : i + 1], k, v, [seq], True, window)[0]
+        assert torch.equal(together[i], alone), f"row {i}"
+    # and inside a crowd of other groups (another sequence's prefill rows before it)
+    other = perm[2000:2400]
+    crowd = _run(
+        torch.cat([torch.randn(40, HEADS, D, generator=g), q]),
+        k,
+        v,
+        [(other, range(360, 400))] + seqs,
+        True,
+        window,
+        groups=[0] + [1] * len(seqs),
+    )
+    assert torch.equal(crowd[40:], together)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,d", [(8, 1, 64), (4, 4, 80), (10, 2, 128), (2, 2, 16)])
+def test_kernel_head_layouts(heads, kv_heads, d):
+    """Grouped-query ratios 8, 1 and 5 and head sizes that are not a multiple of 64 against the PyTorch path."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(SLOTS, kv_heads, d, generator=g)
+    v = torch.randn(SLOTS, kv_heads, d, generator=g)
+    slots = (torch.randperm(SLOTS - 1, generator=g) + 1)[:700].tolist()
+    rows, pos = [list(range(0, 9)), [9]], [list(range(600, 609)), [20]]
+    tables = [slots, slots[::-1][:21]]
+    q = torch.randn(10, heads, d, generator=g)
+    out = {}
+    for use_kernel in (True, False):
+        meta = AttentionMetadata.build(
+            rows, pos, tables, [0] * 10, heads // kv_heads, None, use_kernel, torch.device("cpu")
+        )
+        out[use_kernel] = paged_attention(q, k, v, meta)
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)

@@ -51,6 +51,7 @@ class ModelRunner:
             batch_invariant
             and dtype in (torch.bfloat16, torch.float32)
             and attention_kernel_available(cache.layers[0][0].dtype, device)
+            and model.config.head_dim % 16 == 0  # the kernel's vector width
         )
         for module in model.modules():
             if isinstance(module, InvariantLinear):
@@ -63,6 +64,7 @@ class ModelRunner:
         the last."""
         ids, positions, write_slots, logit_rows = [], [], [], []
         table_rows, table_pos, tables = [], [], []  # attention: one entry per sequence, or per tree node
+        table_group = []  # per table, the chunk's own table: a tree's tables share its key prefix
         row = 0
         for chunk in plan.chunks:
             n = len(chunk.tokens)
@@ -71,6 +73,7 @@ class ModelRunner:
             write_slots += chunk.seq.slots[chunk.start : chunk.end]
             table_rows.append(list(range(row, row + n)))
             table_pos.append(list(range(chunk.start, chunk.end)))
+            group = len(tables)
             tables.append(chunk.seq.slots[: chunk.end])
             logit_rows.append(list(range(row, row + n)) if chunk.want_all_logits else [row + n - 1])
             row += n
@@ -79,10 +82,11 @@ class ModelRunner:
                     chunk, row, ids, positions, write_slots, table_rows, table_pos, tables
                 )
                 logit_rows[-1] += list(range(logit_rows[-1][-1] + 1, row))
+            table_group += [group] * (len(tables) - len(table_group))
 
         total = _round_up(row, self.rows)
         pad = total - row
-        meta = self._metadata(table_rows, table_pos, tables, write_slots + [SCRATCH_SLOT] * pad)
+        meta = self._metadata(table_rows, table_pos, tables, write_slots + [SCRATCH_SLOT] * pad, table_group)
         dev = self.device
         input_ids = torch.tensor(ids + [0] * pad, dtype=torch.long, device=dev)
         pos = torch.tensor(positions + [0] * pad, dtype=torch.long, device=dev)
@@ -159,7 +163,7 @@ class ModelRunner:
             row += 1
         return row
 
-    def _metadata(self, table_rows, table_pos, tables, write_slots) -> AttentionMetadata:
+    def _metadata(self, table_rows, table_pos, tables, write_slots, groups=None) -> AttentionMetadata:
         cfg = self.model.config
         return AttentionMetadata.build(
             table_rows,
@@ -170,6 +174,7 @@ class ModelRunner:
             sliding_window=cfg.sliding_window,
             use_kernel=self.attention_kernel,
             device=self.device,
+            seq_group=groups,
         )
 
 

@@ -4,7 +4,8 @@
 torch::Tensor pack_weight(torch::Tensor w);
 torch::Tensor invariant_linear(torch::Tensor x, torch::Tensor packed, int64_t N, c10::optional<torch::Tensor> b);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor row_seq,
-                              torch::Tensor row_pos, torch::Tensor slot_table, int64_t window, double scale);
+                              torch::Tensor row_pos, torch::Tensor slot_table, torch::Tensor row_group, int64_t window,
+                              double scale);
 
 torch::Tensor add_rms_norm(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,

@@ -48,6 +48,8 @@ class AttentionMetadata:
       row_pos     [T]  logical position of each row
       slot_table  [B, C]  slot of each logical position of each sequence (C a multiple of KV_BLOCK)
       write_slots [T]  where each row's key/value is stored (slot 0 is a scratch slot)
+      row_group   [T]  rows that see a common key prefix share an id (a sequence's rows and its candidate
+                       tree's): the kernel reads those keys once for all of them (-1: padding row)
     Exactly one of `row_seq` (kernel path) or `blocked` (PyTorch path) is used by `paged_attention`.
     """
 
@@ -57,6 +59,7 @@ class AttentionMetadata:
     write_slots: torch.Tensor
     sliding_window: int | None
     use_kernel: bool
+    row_group: torch.Tensor | None = None
     blocked: BlockedLayout | None = None
 
     @classmethod
@@ -70,13 +73,15 @@ class AttentionMetadata:
         sliding_window: int | None,
         use_kernel: bool,
         device: torch.device,
+        seq_group: list[int] | None = None,  # per sequence, the first sequence of its group (default: itself)
     ) -> AttentionMetadata:
         T = len(write_slots)
         ctx = _round_up(max(len(s) for s in seq_slots), KV_BLOCK)
-        row_seq, row_pos = [-1] * T, [-1] * T
+        row_seq, row_pos, row_group = [-1] * T, [-1] * T, [-1] * T
         for b, (rows, pos) in enumerate(zip(seq_rows, seq_pos)):
+            group = b if seq_group is None else seq_group[b]
             for r, p in zip(rows, pos):
-                row_seq[r], row_pos[r] = b, p
+                row_seq[r], row_pos[r], row_group[r] = b, p, group
         table = torch.tensor(
             [s + [SCRATCH_SLOT] * (ctx - len(s)) for s in seq_slots], dtype=torch.long, device=device
         )
@@ -87,6 +92,7 @@ class AttentionMetadata:
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
             sliding_window=sliding_window,
             use_kernel=use_kernel,
+            row_group=torch.tensor(row_group, dtype=torch.long, device=device),
         )
         if not use_kernel:
             meta.blocked = _blocked_layout(seq_rows, seq_pos, table, T, heads_per_kv, sliding_window)
@@ -132,7 +138,15 @@ def paged_attention(
     if meta.use_kernel:
         window = meta.sliding_window or 0
         return cpu_extension().paged_attention(
-            q.float(), k_cache, v_cache, meta.row_seq, meta.row_pos, meta.slot_table, window, d**-0.5
+            q.float(),
+            k_cache,
+            v_cache,
+            meta.row_seq,
+            meta.row_pos,
+            meta.slot_table,
+            meta.row_group,
+            window,
+            d**-0.5,
         )
     return _blocked_attention(q, k_cache, v_cache, meta.blocked)
 
