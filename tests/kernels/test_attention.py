@@ -120,7 +120,7 @@ def test_kernel_head_layouts(heads, kv_heads, d):
     k = torch.randn(SLOTS, kv_heads, d, generator=g)
     v = torch.randn(SLOTS, kv_heads, d, generator=g)
     slots = (torch.randperm(SLOTS - 1, generator=g) + 1)[:700].tolist()
-    rows, pos = [list(range(0, 9)), [9]], [list(range(600, 609)), [20]]
+    rows, pos = [list(range(9)), [9]], [list(range(600, 609)), [20]]
     tables = [slots, slots[::-1][:21]]
     q = torch.randn(10, heads, d, generator=g)
     out = {}
