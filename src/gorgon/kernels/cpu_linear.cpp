@@ -55,9 +55,12 @@ struct Traits<float> {
 };
 
 // MB rows of x against one packed tile of kTileN weight rows.
+// pf/pf_lines: cache lines of the next tile to prefetch during this pass (several passes over one tile are
+// compute-bound; without this the next tile's memory latency is not hidden behind them).
 template <typename T, int MB>
 inline void tile(const typename Traits<T>::raw* x, int64_t K, const typename Traits<T>::raw* wt,
-                 const float* bias, typename Traits<T>::raw* y, int64_t N, int64_t n0) {
+                 const float* bias, typename Traits<T>::raw* y, int64_t N, int64_t n0, const char* pf,
+                 int64_t pf_lines) {
   using Tr = Traits<T>;
   constexpr int C = Tr::kChunk;
   __m512 acc[MB][kTileN];
@@ -66,9 +69,11 @@ inline void tile(const typename Traits<T>::raw* x, int64_t K, const typename Tra
 #pragma GCC unroll 16
     for (int j = 0; j < kTileN; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t full = K / C;
+  const int64_t per_chunk = full ? (pf_lines + full - 1) / full : 0;
   for (int64_t c = 0; c < full; ++c) {
     const auto* wc = wt + c * kTileN * C;
     _mm_prefetch((const char*)(wc + 8 * kTileN * C), _MM_HINT_T0);
+    for (int64_t l = c * per_chunk; l < std::min(pf_lines, (c + 1) * per_chunk); ++l) _mm_prefetch(pf + l * 64, _MM_HINT_T1);
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 16
@@ -106,10 +111,26 @@ torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, i
   // Each thread takes whole tiles: every weight byte is read once per call, by one thread.
   at::parallel_for(0, n_tiles, 2, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const raw* wt = wp + t * chunks * kTileN * C;
-      int64_t m = 0;
-      for (; m + kMaxTileM <= M; m += kMaxTileM) tile<T, kMaxTileM>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN);
-      if (m < M) tile<T, 1>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN);
+      const int64_t tile_elems = chunks * kTileN * C;
+      const raw* wt = wp + t * tile_elems;
+      // With several passes over this tile, they share out the prefetching of the next one.
+      const int64_t passes = (M + kMaxTileM - 1) / kMaxTileM - 1;  // the first pass streams this tile itself
+      const int64_t lines = t + 1 < t1 && passes > 0 ? (tile_elems * (int64_t)sizeof(raw) + 63) / 64 : 0;
+      const char* next = (const char*)(wt + tile_elems);
+      int64_t m = 0, pass = 0;
+      auto share = [&](int64_t p) {
+        if (p == 0) return std::make_pair(next, (int64_t)0);
+        --p;
+        return std::make_pair(next + (lines * p / passes) * 64, lines * (p + 1) / passes - lines * p / passes);
+      };
+      for (; m + kMaxTileM <= M; m += kMaxTileM, ++pass) {
+        auto [pf, n] = lines ? share(pass) : std::make_pair((const char*)nullptr, (int64_t)0);
+        tile<T, kMaxTileM>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN, pf, n);
+      }
+      if (m < M) {
+        auto [pf, n] = lines ? share(pass) : std::make_pair((const char*)nullptr, (int64_t)0);
+        tile<T, 1>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN, pf, n);
+      }
     }
   });
   return y;
