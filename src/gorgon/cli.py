@@ -363,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--top-k", type=int, default=4)
     tune.add_argument("--max-nodes", type=int, default=32)
     tune.add_argument(
+        "--medusa-ngram-branch",
+        type=int,
+        default=SpeculationConfig.ngram_branch,
+        help="n-gram nodes the server will add to the tree (as gorgon serve's flag): counted in cost and gain",
+    )
+    tune.add_argument(
         "--output", default=None, help="where to write the tree (default: the adapter's gorgon_tree.json)"
     )
     tune.set_defaults(func=cmd_tune_tree)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gorgon.speculative.tree import BUILTIN_TREES, CandidateTree
-from gorgon.speculative.tune import best_trees, choose_tree, head_accuracy
+from gorgon.speculative.tune import best_trees, choose_tree, head_accuracy, ngram_hits
 from gorgon.speculative.verify import accept, emitted_tokens
 
 
@@ -83,6 +83,35 @@ def test_choose_tree_trades_tokens_for_cost():
     costly = StepCost((1, 2, 64), (0.01, 0.02, 0.64))  # every row costs a full step: take none but one
     assert choose_tree(p, cheap, 6)[0].tree.size == 6
     assert choose_tree(p, costly, 6)[0].tree.size == 1
+
+
+def test_choose_tree_counts_the_ngram_node():
+    """The n-gram node costs a row and adds its measured gain for the tree's first-level width."""
+    p = torch.tensor([[0.3, 0.1], [0.1, 0.05]])
+    seen = []
+
+    def cost(rows, depth):
+        seen.append((rows, depth))
+        return 0.01 * (1 + 0.01 * rows)
+
+    plain = choose_tree(p, cost, 3)[1]
+    with_ngram = choose_tree(p, cost, 3, torch.tensor([0.2, 0.15]))[1]
+    for a, b in zip(plain, with_ngram):
+        width = a.tree.top_k
+        assert b.expected_tokens == pytest.approx(a.expected_tokens + [0.2, 0.15][width - 1])
+    assert (2, 1) in seen and (3, 1) in seen  # the same one-node tree, with and without its n-gram row
+
+
+def test_ngram_hits_count_only_new_tokens():
+    # prompt "5 6 7 8", answer "1 5 6 7 9 ...": after "5" the lookup proposes 6, after "6" it proposes 7.
+    prompt, answer = [5, 6, 7, 8], [1, 5, 6, 7, 9]
+    guesses0 = torch.tensor([[6, 3, 4], [6, 3, 4], [3, 7, 4], [4, 4, 4], [4, 4, 4]])  # top-3 at each row
+    hits = ngram_hits(prompt, answer, guesses0)
+    # row 0 (root 1): no earlier "1": rank-R guesses 3 / 4 are wrong (target 5).
+    # row 1 (root 5): lookup 6 = target, but head 0's top-1 already holds 6: no gain at any width.
+    # row 2 (root 6): lookup 7 = target; width 1 (holds 3): gain; width 2 (3, 7): already there.
+    # row 3 (root 7): lookup 8 != 9.
+    assert hits.tolist() == [1.0, 0.0]
 
 
 def test_head_accuracy_counts_hits_by_rank():

@@ -179,8 +179,11 @@ class ModelRunner:
 
 
 @torch.inference_mode()
-def time_forward(runner: ModelRunner, rows: int, repeats: int = 3, context: int = 256) -> float:
-    """Seconds for one step of `rows` decode rows (each over `context` keys) with their logits: what a
+def time_forward(
+    runner: ModelRunner, rows: int, repeats: int = 3, context: int = 256, head_depth: int = 0
+) -> float:
+    """Seconds for one step of `rows` decode rows (each over `context` keys) with their logits, and
+    `head_depth` more lm_head rows per row (Medusa heads drafting from every verified row): what a
     verification of that many rows costs. Reads and writes only the scratch slot."""
     import time
 
@@ -197,6 +200,6 @@ def time_forward(runner: ModelRunner, rows: int, repeats: int = 3, context: int 
     for _ in range(repeats + 1):  # the first run warms up (weight packing, allocator)
         start = time.perf_counter()
         hidden = runner.model(ids, pos, runner.cache.layers, meta)
-        runner.model.logits(hidden[:rows])
+        runner.model.logits(hidden[:rows].repeat(1 + head_depth, 1))
         best = min(best, time.perf_counter() - start)
     return best

@@ -5,7 +5,11 @@
 2. Under independence, a node (r1, ..., rd) is accepted with probability p(0, r1) * ... * p(d-1, rd), and
    siblings are disjoint events, so a tree emits 1 + sum of its nodes' probabilities tokens per step. For
    each size n the best tree takes the n likeliest nodes (a child is never likelier than its parent).
-3. Measure the step cost of verifying 1 + n rows, and keep the n with the most tokens per second.
+3. The serving default adds an n-gram node (`--medusa-ngram-branch 1`): a first-level node holding what
+   followed the last earlier occurrence of the text's last tokens, else head 0's next-ranked guess. Its
+   gain, counted only where no tree node already holds the right token, is measured on the same answers.
+4. Measure the step cost of verifying the tree's rows (with the n-gram node's) and of its heads' rows
+   through the lm_head, and keep the tree with the most tokens per second.
 """
 
 from __future__ import annotations
@@ -29,13 +33,21 @@ class TreeChoice:
     tokens_per_second: float
 
 
-def head_accuracy(hidden: torch.Tensor, future: list[int], heads, lm_head, top_k: int) -> torch.Tensor:
+def head_guesses(hidden: torch.Tensor, heads, lm_head, top_k: int) -> torch.Tensor:
+    """[T, num_heads, top_k] each head's top-k token ids at each row."""
+    with torch.inference_mode():
+        return heads.logits(hidden, lm_head).topk(top_k, dim=-1).indices
+
+
+def head_accuracy(
+    hidden: torch.Tensor, future: list[int], heads, lm_head, top_k: int, guesses: torch.Tensor | None = None
+) -> torch.Tensor:
     """Hits [num_heads, top_k]: at answer position t (row t of `hidden`), whether head k's rank-r guess is
     the token at t + 2 + k. `future[t]` is the token that followed row t (so head k targets future[t+1+k])."""
     num_heads = heads.config.num_heads
     hits = torch.zeros(num_heads, top_k)
-    with torch.inference_mode():
-        guesses = heads.logits(hidden, lm_head).topk(top_k, dim=-1).indices  # (T, K, top_k)
+    if guesses is None:
+        guesses = head_guesses(hidden, heads, lm_head, top_k)
     for t in range(hidden.shape[0]):
         for k in range(num_heads):
             if t + 1 + k < len(future):
@@ -64,14 +76,67 @@ def best_trees(p: torch.Tensor, max_nodes: int) -> list[tuple[CandidateTree, flo
     return out
 
 
-def choose_tree(p: torch.Tensor, cost, max_nodes: int) -> tuple[TreeChoice, list[TreeChoice]]:
-    """The tree with the most expected tokens per second; also every candidate size, for the report."""
+def ngram_hits(
+    prompt: list[int], answer: list[int], guesses0: torch.Tensor, max_ngram: int = 3
+) -> torch.Tensor:
+    """Hits [top_k]: at each answer position, whether the n-gram node would add an accepted token to a tree
+    whose first level holds head 0's top-R guesses (R = 1..top_k): its lookup token (or, without a match,
+    head 0's rank-R guess) is the token that came next and is not already among those R guesses.
+    `guesses0` [T, top_k + 1] are head 0's guesses at answer rows (row t guesses answer[t + 1])."""
+    from gorgon.engine.speculation import lookup
+
+    top_k = guesses0.shape[1] - 1
+    hits = torch.zeros(top_k)
+    tokens = prompt + answer[:1]
+    for t in range(len(answer) - 1):
+        target = answer[t + 1]
+        follow = lookup(tokens, 1, max_ngram)
+        ranked = guesses0[t].tolist()
+        for r in range(1, top_k + 1):
+            token = follow[0] if follow else ranked[r]
+            if token == target and target not in ranked[:r]:
+                hits[r - 1] += 1
+        tokens.append(target)
+    return hits
+
+
+def choose_tree(
+    p: torch.Tensor, cost, max_nodes: int, ngram: torch.Tensor | None = None
+) -> tuple[TreeChoice, list[TreeChoice]]:
+    """The tree with the most expected tokens per second; also every candidate size, for the report.
+
+    `cost`: a StepCost (seconds by verified rows) or a function (rows, depth) -> seconds. `ngram`: with an
+    n-gram node, its gain [R - 1] for trees whose first level is R wide (from `ngram_hits`)."""
+    seconds_of = cost if callable(cost) else (lambda rows, depth: cost.seconds(rows))
     candidates = []
     for tree, expected in best_trees(p, max_nodes):
-        seconds = cost.seconds(1 + tree.size)
+        rows, depth = 1 + tree.size, tree.depth
+        if ngram is not None:
+            width = tree.top_k  # first-level ranks are 0..width-1 (a child is never likelier than its parent)
+            expected += float(ngram[min(width, len(ngram)) - 1])
+            rows += 1
+        seconds = seconds_of(rows, depth)
         candidates.append(TreeChoice(tree, expected, seconds, expected / seconds))
     best = max(candidates, key=lambda c: c.tokens_per_second)
     return best, candidates
+
+
+class VerifyCost:
+    """Measured seconds of a verification step: `rows` verified rows (the tree's, plus `branch` n-gram nodes
+    deeper than the first), and the Medusa heads' rows of each through the lm_head (every verified row
+    drafts `depth` heads, as the runner does). Measured once per (rows, depth)."""
+
+    def __init__(self, runner, branch: int = 0) -> None:
+        self.runner, self.branch, self.cache = runner, branch, {}
+
+    def __call__(self, rows: int, depth: int) -> float:
+        from gorgon.engine.runner import time_forward
+
+        rows += max(self.branch - 1, 0)
+        depth = max(depth, min(self.branch, 1)) if rows > 1 else 0
+        if (rows, depth) not in self.cache:
+            self.cache[rows, depth] = time_forward(self.runner, rows, head_depth=depth)
+        return self.cache[rows, depth]
 
 
 def answer_hidden_states(engine, prompt: list[int], answer: list[int]) -> torch.Tensor:
@@ -100,7 +165,7 @@ def run_tune_tree(args) -> int:
     from gorgon.bench.run import chat_ids, run_engine
     from gorgon.config import EngineConfig, SpeculationConfig
     from gorgon.engine.llm_engine import LLMEngine
-    from gorgon.engine.speculation import DEFAULT_TREE_FILE, StepCost, build_speculator
+    from gorgon.engine.speculation import DEFAULT_TREE_FILE, build_speculator
     from gorgon.models.factory import build_model, resolve_device, resolve_dtype
     from gorgon.models.loader import resolve_checkpoint
 
@@ -122,23 +187,33 @@ def run_tune_tree(args) -> int:
     engine = LLMEngine(model, ckpt.tokenizer, EngineConfig(), dtype, device, set(ckpt.config.eos_token_ids))
     ids = [chat_ids(ckpt.tokenizer, p) for p in prompts]
     answers = run_engine(engine, ids, args.max_new_tokens, 8, ignore_eos=False)["outputs"]
-    hits, total = None, 0
+    branch = args.medusa_ngram_branch
+    hits, ngram, total = None, torch.zeros(args.top_k), 0
     for i, prompt in enumerate(ids):
         answer = answers[i]
-        h = head_accuracy(
-            answer_hidden_states(engine, prompt, answer), answer, spec.heads, model.lm_head, args.top_k
-        )
+        hidden = answer_hidden_states(engine, prompt, answer)
+        guesses = head_guesses(hidden, spec.heads, model.lm_head, args.top_k + 1)
+        h = head_accuracy(hidden, answer, spec.heads, model.lm_head, args.top_k, guesses[..., : args.top_k])
         hits = h if hits is None else hits + h
+        if branch:
+            ngram += ngram_hits(prompt, answer, guesses[:, 0])
         total += len(answer)
     p = hits / max(total, 1)
     log.info(
         "head accuracy by rank:\n%s",
         "\n".join(f"head {k}: " + " ".join(f"{x:.3f}" for x in row) for k, row in enumerate(p.tolist())),
     )
-    cost = StepCost.measure(engine.runner, 1 + args.max_nodes)
-    best, candidates = choose_tree(p, cost, args.max_nodes)
-    print(f"{'nodes':>5} {'tokens/step':>12} {'step ms':>8} {'tokens/s':>9}")
-    print(f"{0:>5} {1.0:>12.3f} {cost.seconds(1) * 1e3:>8.1f} {1 / cost.seconds(1):>9.1f}")
+    if branch:
+        log.info(
+            "n-gram node gain by first-level width: %s",
+            " ".join(f"{x:.3f}" for x in (ngram / total).tolist()),
+        )
+    cost = VerifyCost(engine.runner, branch)
+    best, candidates = choose_tree(p, cost, args.max_nodes, ngram / max(total, 1) if branch else None)
+    print(
+        f"{'nodes':>5} {'tokens/step':>12} {'step ms':>8} {'tokens/s':>9}  (n-gram branch: {branch} node(s))"
+    )
+    print(f"{0:>5} {1.0:>12.3f} {cost(1, 0) * 1e3:>8.1f} {1 / cost(1, 0):>9.1f}")
     for c in candidates:
         mark = "  <- chosen" if c is best else ""
         print(
