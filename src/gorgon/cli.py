@@ -330,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--concurrency", type=int, default=8)
     bench.add_argument("--prompts", type=int, default=8, help="number of chat prompts")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="speculation mode: interleaved rounds; the median round's speedup is reported, with every round's",
+    )
     bench.add_argument("--output", default="bench-results/bench.json")
     bench.add_argument("--skip-hf", action="store_true")
     bench.add_argument("--prompt-set", default="chat", choices=["chat", "code"])

@@ -77,6 +77,29 @@ def run_engine(
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "outputs": results}
 
 
+def interleaved(engines: dict[str, LLMEngine], work: list, max_new: int, concurrency: int) -> dict[str, dict]:
+    """Each engine runs every item of `work` (a prompt, or a list of prompts run `concurrency` at a time), the
+    engines taking turns item by item in alternating order (ABBA), so that a slow spell of the machine falls
+    on both alike. Returns per engine the summed tokens/s and the outputs (prompt i -> tokens)."""
+    names = list(engines)
+    totals = {n: {"tokens": 0, "seconds": 0.0, "outputs": {}} for n in names}
+    for i, item in enumerate(work):
+        batch = item if isinstance(item[0], list) else [item]
+        for name in names if i % 2 == 0 else names[::-1]:
+            run = run_engine(engines[name], batch, max_new, concurrency, ignore_eos=False)
+            totals[name]["tokens"] += run["tokens"]
+            totals[name]["seconds"] += run["seconds"]
+            if isinstance(item[0], list):
+                outputs = totals[name]["outputs"]
+                for k, tokens in run["outputs"].items():  # a repeated batch must repeat its outputs
+                    outputs[k] = tokens if outputs.get(k, tokens) == tokens else None
+            else:
+                totals[name]["outputs"][i] = run["outputs"][0]
+    for t in totals.values():
+        t["tok_s"] = t["tokens"] / t["seconds"]
+    return totals
+
+
 def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], max_new: int) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -153,12 +176,19 @@ def bench_speculation(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
     for engine in (plain, fast):
         run_engine(engine, prompts[:1], 8, 1)  # warm-up
     # Greedy decoding stops at EOS here: acceptance is measured on the model's real answers.
-    results = {}
-    for name, engine in (("plain", plain), ("speculative", fast)):
-        results[name] = {
-            "single": run_engine(engine, prompts, args.max_new_tokens, 1, ignore_eos=False),
-            "batch": run_engine(engine, prompts, args.max_new_tokens, args.concurrency, ignore_eos=False),
-        }
+    # Repeated rounds, each interleaved: this shared machine's speed drifts by +-15% between runs, so a ratio
+    # is taken within each round and the median round reported, with the spread.
+    engines = {"plain": plain, "speculative": fast}
+    rounds = {"single": [], "batch": []}
+    for _ in range(max(1, args.repeats)):
+        rounds["single"].append(interleaved(engines, prompts, args.max_new_tokens, 1))
+        rounds["batch"].append(interleaved(engines, [prompts], args.max_new_tokens, args.concurrency))
+    results = {name: {kind: _median_round(rounds[kind])[name] for kind in rounds} for name in engines}
+    same = all(
+        r["plain"]["outputs"] == r["speculative"]["outputs"] == rounds["single"][0]["plain"]["outputs"]
+        for kind in rounds
+        for r in rounds[kind]
+    )
     stats = speculator.stats
     p, f = results["plain"], results["speculative"]
     return {
@@ -168,14 +198,29 @@ def bench_speculation(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
         "plain_single_tok_s": p["single"]["tok_s"],
         "spec_single_tok_s": f["single"]["tok_s"],
         "single_speedup": f["single"]["tok_s"] / p["single"]["tok_s"],
+        "single_speedup_rounds": _ratios(rounds["single"]),
         f"plain_x{args.concurrency}_tok_s": p["batch"]["tok_s"],
         f"spec_x{args.concurrency}_tok_s": f["batch"]["tok_s"],
         f"x{args.concurrency}_speedup": f["batch"]["tok_s"] / p["batch"]["tok_s"],
+        f"x{args.concurrency}_speedup_rounds": _ratios(rounds["batch"]),
         "mean_tokens_per_step": stats.mean_tokens_per_step,
         "head_acceptance": ", ".join(f"{a:.2f}" for a in stats.head_acceptance()),
         "steps_with_drafts": f"{stats.steps_on}/{stats.steps_on + stats.steps_off}",
-        "greedy_outputs_identical": p["single"]["outputs"] == f["single"]["outputs"] == f["batch"]["outputs"],
+        "greedy_outputs_identical": same,
     }
+
+
+def _speedup(r: dict) -> float:
+    return r["speculative"]["tok_s"] / r["plain"]["tok_s"]
+
+
+def _median_round(rounds: list[dict]) -> dict:
+    """The round with the median speedup (the lower middle one for an even count)."""
+    return sorted(rounds, key=_speedup)[(len(rounds) - 1) // 2]
+
+
+def _ratios(rounds: list[dict]) -> str:
+    return " ".join(f"{_speedup(r):.2f}" for r in rounds)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,66 @@
+"""`gorgon bench` speculation mode: interleaved rounds, median speedup, identical outputs."""
+
+import json
+
+import gorgon.bench.run as bench_run
+
+
+def test_interleaved_alternates_engines_and_sums(monkeypatch):
+    calls = []
+
+    def fake_run(engine, prompts, max_new, concurrency, ignore_eos=True):
+        calls.append((engine, len(prompts), concurrency))
+        return {
+            "tokens": 10 * len(prompts),
+            "seconds": 1.0 if engine == "a" else 2.0,
+            "outputs": {key: [7] for key in range(len(prompts))},
+        }
+
+    monkeypatch.setattr(bench_run, "run_engine", fake_run)
+    out = bench_run.interleaved({"a": "a", "b": "b"}, [[1], [2], [3]], 5, 1)
+    assert [c[0] for c in calls] == ["a", "b", "b", "a", "a", "b"]  # ABBA: drift falls on both alike
+    assert out["a"]["tok_s"] == 10.0 and out["b"]["tok_s"] == 5.0
+    assert out["a"]["outputs"] == {0: [7], 1: [7], 2: [7]}
+    calls.clear()
+    batch = bench_run.interleaved({"a": "a", "b": "b"}, [[[1], [2]]], 5, 2)
+    assert calls == [("a", 2, 2), ("b", 2, 2)] and batch["a"]["tokens"] == 20
+
+
+def test_median_round_and_ratios():
+    def rnd(plain, spec):
+        return {"plain": {"tok_s": plain}, "speculative": {"tok_s": spec}}
+
+    rounds = [rnd(10, 13), rnd(10, 11), rnd(10, 12)]
+    assert bench_run._median_round(rounds) is rounds[2]
+    assert bench_run._ratios(rounds) == "1.30 1.10 1.20"
+
+
+def test_bench_speculation_cli_end_to_end(tmp_path, capsys):
+    from helpers import build_tiny_tokenizer, tiny_hf_model
+
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+    from gorgon.adapters.medusa_io import save_medusa_adapter
+    from gorgon.cli import main
+
+    model_dir = tmp_path / "model"
+    tok = build_tiny_tokenizer(model_dir)
+    tiny_hf_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id).save_pretrained(str(model_dir))
+    heads = MedusaHeads(MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=64, vocab_size=320))
+    save_medusa_adapter(heads, tmp_path / "adapter", "tiny")
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "--model-id",
+        str(model_dir),
+        "--dtypes",
+        "float32",
+        "--adapter-id",
+        str(tmp_path / "adapter"),
+    ]
+    argv += ["--adapter-source", "local", "--prompts", "2", "--max-new-tokens", "12", "--concurrency", "2"]
+    argv += ["--repeats", "2", "--output", str(out)]
+    assert main(argv) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["greedy_outputs_identical"] is True
+    assert len(row["single_speedup_rounds"].split()) == 2 and row["single_speedup"] > 0
+    assert row["mean_tokens_per_step"] >= 1.0
