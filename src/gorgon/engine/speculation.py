@@ -217,13 +217,14 @@ def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, devic
             tree = CandidateTree.from_paths([(0,) * d for d in range(1, int(tree_spec.split("-")[1]) + 1)])
         else:
             tree = CandidateTree.load(tree_spec)
+        speculator = Speculator(heads, model.lm_head, tree, spec.max_batch_size, spec.ngram_branch)
         log.info(
-            "speculating with Medusa adapter %s (%s), tree of %d nodes",
+            "speculating with Medusa adapter %s (%s), tree of %d nodes (%d of them n-gram)",
             spec.adapter_id,
             heads.config.describe(),
-            tree.size,
+            speculator.tree.size,
+            len(speculator.ngram_nodes),
         )
-        speculator = Speculator(heads, model.lm_head, tree, spec.max_batch_size, spec.ngram_branch)
     elif spec.speculative_tokens:
         log.info("speculating with n-gram lookup, %d tokens", spec.speculative_tokens)
         speculator = NgramSpeculator(spec.speculative_tokens, spec.max_batch_size)
