@@ -55,7 +55,7 @@ struct Traits<float> {
 };
 
 // MB rows of x against one packed tile of kTileN weight rows.
-// pf/pf_lines: cache lines of the next tile to prefetch during this pass (several passes over one tile are
+// pf/pf_lines: cache lines (of the next tile) to prefetch into L2 during this pass (several passes over one tile are
 // compute-bound; without this the next tile's memory latency is not hidden behind them).
 template <typename T, int MB>
 inline void tile(const typename Traits<T>::raw* x, int64_t K, const typename Traits<T>::raw* wt,
@@ -113,23 +113,22 @@ torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, i
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t tile_elems = chunks * kTileN * C;
       const raw* wt = wp + t * tile_elems;
-      // With several passes over this tile, they share out the prefetching of the next one.
-      const int64_t passes = (M + kMaxTileM - 1) / kMaxTileM - 1;  // the first pass streams this tile itself
-      const int64_t lines = t + 1 < t1 && passes > 0 ? (tile_elems * (int64_t)sizeof(raw) + 63) / 64 : 0;
+      // Passes after the first (compute-bound re-reads of this tile) share out prefetching the next tile.
+      const int64_t later = (M + kMaxTileM - 1) / kMaxTileM - 1;
+      const int64_t lines = t + 1 < t1 ? (tile_elems * (int64_t)sizeof(raw) + 63) / 64 : 0;
       const char* next = (const char*)(wt + tile_elems);
-      int64_t m = 0, pass = 0;
-      auto share = [&](int64_t p) {
-        if (p == 0) return std::make_pair(next, (int64_t)0);
-        --p;
-        return std::make_pair(next + (lines * p / passes) * 64, lines * (p + 1) / passes - lines * p / passes);
+      auto prefetch_lines = [&](int64_t pass) -> std::pair<int64_t, int64_t> {
+        if (pass == 0 || later == 0) return {0, 0};
+        return {lines * (pass - 1) / later, lines * pass / later};
       };
+      int64_t m = 0, pass = 0;
       for (; m + kMaxTileM <= M; m += kMaxTileM, ++pass) {
-        auto [pf, n] = lines ? share(pass) : std::make_pair((const char*)nullptr, (int64_t)0);
-        tile<T, kMaxTileM>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN, pf, n);
+        const auto [lo, hi] = prefetch_lines(pass);
+        tile<T, kMaxTileM>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN, next + lo * 64, hi - lo);
       }
       if (m < M) {
-        auto [pf, n] = lines ? share(pass) : std::make_pair((const char*)nullptr, (int64_t)0);
-        tile<T, 1>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN, pf, n);
+        const auto [lo, hi] = prefetch_lines(pass);
+        tile<T, 1>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN, next + lo * 64, hi - lo);
       }
     }
   });
