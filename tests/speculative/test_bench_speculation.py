@@ -17,7 +17,7 @@ def test_interleaved_alternates_engines_and_sums(monkeypatch):
         }
 
     monkeypatch.setattr(bench_run, "run_engine", fake_run)
-    out = bench_run.interleaved({"a": "a", "b": "b"}, [[1], [2], [3]], 5, 1)
+    out = bench_run.interleaved({"a": "a", "b": "b"}, [[[1]], [[2]], [[3]]], 5, 1)
     assert [c[0] for c in calls] == ["a", "b", "b", "a", "a", "b"]  # ABBA: drift falls on both alike
     assert out["a"]["tok_s"] == 10.0 and out["b"]["tok_s"] == 5.0
     assert out["a"]["outputs"] == {0: [7], 1: [7], 2: [7]}

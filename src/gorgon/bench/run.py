@@ -77,24 +77,22 @@ def run_engine(
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "outputs": results}
 
 
-def interleaved(engines: dict[str, LLMEngine], work: list, max_new: int, concurrency: int) -> dict[str, dict]:
-    """Each engine runs every item of `work` (a prompt, or a list of prompts run `concurrency` at a time), the
-    engines taking turns item by item in alternating order (ABBA), so that a slow spell of the machine falls
-    on both alike. Returns per engine the summed tokens/s and the outputs (prompt i -> tokens)."""
+def interleaved(
+    engines: dict[str, LLMEngine], batches: list[list[list[int]]], max_new: int, concurrency: int
+) -> dict[str, dict]:
+    """Each engine runs every batch of prompts (`concurrency` at a time), the engines taking turns batch by
+    batch in alternating order (ABBA), so that a slow spell of the machine falls on both alike. Returns per
+    engine the summed tokens/s and the outputs (prompt index across the batches -> tokens)."""
     names = list(engines)
     totals = {n: {"tokens": 0, "seconds": 0.0, "outputs": {}} for n in names}
-    for i, item in enumerate(work):
-        batch = item if isinstance(item[0], list) else [item]
+    first = 0  # index of the batch's first prompt
+    for i, batch in enumerate(batches):
         for name in names if i % 2 == 0 else names[::-1]:
             run = run_engine(engines[name], batch, max_new, concurrency, ignore_eos=False)
             totals[name]["tokens"] += run["tokens"]
             totals[name]["seconds"] += run["seconds"]
-            if isinstance(item[0], list):
-                outputs = totals[name]["outputs"]
-                for k, tokens in run["outputs"].items():  # a repeated batch must repeat its outputs
-                    outputs[k] = tokens if outputs.get(k, tokens) == tokens else None
-            else:
-                totals[name]["outputs"][i] = run["outputs"][0]
+            totals[name]["outputs"].update({first + k: v for k, v in run["outputs"].items()})
+        first += len(batch)
     for t in totals.values():
         t["tok_s"] = t["tokens"] / t["seconds"]
     return totals
@@ -181,7 +179,7 @@ def bench_speculation(ckpt, dtype_name: str, args: argparse.Namespace) -> dict:
     engines = {"plain": plain, "speculative": fast}
     rounds = {"single": [], "batch": []}
     for _ in range(max(1, args.repeats)):
-        rounds["single"].append(interleaved(engines, prompts, args.max_new_tokens, 1))
+        rounds["single"].append(interleaved(engines, [[p] for p in prompts], args.max_new_tokens, 1))
         rounds["batch"].append(interleaved(engines, [prompts], args.max_new_tokens, args.concurrency))
     results = {name: {kind: _median_round(rounds[kind])[name] for kind in rounds} for name in engines}
     same = all(
