@@ -198,6 +198,23 @@ def save_tiny_checkpoint(path, max_positions: int = 512, family: str = "llama"):
     return tok, model
 
 
+def make_medusa_adapter(root, name, heads=3, version=2, layers=1, seed=0) -> str:
+    """Random Medusa heads (weights ~ N(0, 0.5), so drafts are varied) for the tiny models, saved as
+    root/name; returns the directory."""
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+    from gorgon.adapters.medusa_io import save_medusa_adapter
+
+    torch.manual_seed(seed)
+    cfg = MedusaConfig(num_heads=heads, num_layers=layers, version=version, hidden_size=64, vocab_size=320)
+    module = MedusaHeads(cfg)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    out = root / name
+    save_medusa_adapter(module, out, "tiny")
+    return str(out)
+
+
 def save_peft_adapter(hf_model, path, seed: int = 0, std: float = 0.05, **lora_kwargs):
     """A PEFT LoRA on a copy of `hf_model` with random A and B (PEFT starts B at zero, which would test
     nothing), saved under `path`. Returns the PEFT model (the reference) in eval mode."""

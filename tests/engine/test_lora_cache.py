@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 import torch
-from helpers import build_tiny_tokenizer, final_tokens, save_peft_adapter, serve, tiny_hf_model
+from helpers import final_tokens, save_peft_adapter, save_tiny_checkpoint, serve, tiny_hf_model
 
 from gorgon.config import AdapterConfig, EngineConfig
 from gorgon.engine.engine import AsyncEngine
@@ -26,11 +26,7 @@ LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_pr
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_cache")
-    tok = build_tiny_tokenizer(root / "model")
-    hf = tiny_hf_model(
-        "llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id, max_position_embeddings=512
-    )
-    hf.save_pretrained(str(root / "model"))
+    tok, hf = save_tiny_checkpoint(root / "model")
     for i in range(4):
         save_peft_adapter(hf, root / f"lora{i}", seed=i, **LORA)
     other = tiny_hf_model("llama", hidden_size=32, intermediate_size=64, vocab_size=len(tok))

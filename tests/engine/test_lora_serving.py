@@ -8,7 +8,14 @@ import asyncio
 
 import pytest
 import torch
-from helpers import build_tiny_tokenizer, final_tokens, gorgon_from_hf, save_peft_adapter, tiny_hf_model
+from helpers import (
+    final_tokens,
+    gorgon_from_hf,
+    make_medusa_adapter,
+    save_peft_adapter,
+    save_tiny_checkpoint,
+    tiny_hf_model,
+)
 
 from gorgon.adapters.lora import load_lora_adapter
 from gorgon.config import EngineConfig, SpeculationConfig
@@ -94,14 +101,8 @@ PROMPTS = [[5, 9, 11, 40, 3], [7, 7, 8, 100, 101, 102], [60, 61, 62]]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A tiny checkpoint, two LoRA adapters and a Medusa adapter for it, with HF + PEFT references."""
-    from test_medusa_per_request import make_adapter
-
     root = tmp_path_factory.mktemp("lora_served")
-    tok = build_tiny_tokenizer(root / "model")
-    hf = tiny_hf_model(
-        "llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id, max_position_embeddings=512
-    )
-    hf.save_pretrained(str(root / "model"))
+    _, hf = save_tiny_checkpoint(root / "model")
     refs = {
         "a": save_peft_adapter(hf, root / "a", seed=1, std=0.2, **LORAS["all-r8"]),
         "b": save_peft_adapter(hf, root / "b", seed=2, std=0.2, **LORAS["qv-lmhead-rslora-r4"]),
@@ -110,7 +111,7 @@ def served(tmp_path_factory):
         "root": root,
         "hf": hf,
         "refs": refs,
-        "medusa": make_adapter(root, "medusa", seed=7),
+        "medusa": make_medusa_adapter(root, "medusa", seed=7),
     }
 
 
@@ -224,13 +225,11 @@ def test_lora_with_its_own_medusa_heads(served, tmp_path):
     the same rules as per-request Medusa adapters; greedy output stays the LoRA's."""
     import shutil
 
-    from test_medusa_per_request import make_adapter
-
     from gorgon.errors import GenerationError
 
     joint = {}
     for name, kwargs in {"joint": {}, "joint_v1": {"version": 1}, "joint_2heads": {"heads": 2}}.items():
-        heads_dir = make_adapter(tmp_path, f"heads_{name}", seed=11, **kwargs)
+        heads_dir = make_medusa_adapter(tmp_path, f"heads_{name}", seed=11, **kwargs)
         shutil.copytree(served["root"] / "a", tmp_path / name)
         for f in ("config.json", "medusa_lm_head.safetensors"):
             shutil.copy(f"{heads_dir}/{f}", tmp_path / name / f)
@@ -280,11 +279,7 @@ def test_default_lora_adapter(served):
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "tied-mha"])
 def test_greedy_equal_peft_for_each_family(family, tmp_path):
     """Through the whole engine, one batch: two LoRAs of different ranks and targets, and the base model."""
-    tok = build_tiny_tokenizer(tmp_path / "model")
-    hf = tiny_hf_model(
-        family, vocab_size=len(tok), eos_token_id=tok.eos_token_id, max_position_embeddings=512
-    )
-    hf.save_pretrained(str(tmp_path / "model"))
+    _, hf = save_tiny_checkpoint(tmp_path / "model", family=family)
     refs = {
         "x": save_peft_adapter(hf, tmp_path / "x", seed=1, std=0.2, **LORAS["mlp-o-patterns"]),
         "y": save_peft_adapter(hf, tmp_path / "y", seed=2, std=0.2, **LORAS["qv-lmhead-rslora-r4"]),

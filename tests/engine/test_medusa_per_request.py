@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-from helpers import build_tiny_tokenizer, final_tokens, tiny_hf_model
+from helpers import final_tokens, make_medusa_adapter, save_tiny_checkpoint
 
-from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
-from gorgon.adapters.medusa_io import save_medusa_adapter
 from gorgon.config import EngineConfig, SpeculationConfig
 from gorgon.engine.engine import AsyncEngine
 from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
@@ -24,35 +21,19 @@ CONFIG = EngineConfig(
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama_medusa")
-    tok = build_tiny_tokenizer(path)
-    hf = tiny_hf_model(
-        "llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id, max_position_embeddings=512
-    )
-    hf.save_pretrained(str(path))
+    _, hf = save_tiny_checkpoint(path)
     return path, hf
-
-
-def make_adapter(root, name, heads=3, version=2, layers=1, seed=0):
-    torch.manual_seed(seed)
-    cfg = MedusaConfig(num_heads=heads, num_layers=layers, version=version, hidden_size=64, vocab_size=320)
-    module = MedusaHeads(cfg)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.5)
-    out = root / name
-    save_medusa_adapter(module, out, "tiny")
-    return str(out)
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return {
-        "default": make_adapter(root, "default", seed=1),
-        "other": make_adapter(root, "other", seed=2),
-        "third": make_adapter(root, "third", seed=3),
-        "v1": make_adapter(root, "v1", version=1, seed=4),
-        "two_heads": make_adapter(root, "two_heads", heads=2, seed=5),
+        "default": make_medusa_adapter(root, "default", seed=1),
+        "other": make_medusa_adapter(root, "other", seed=2),
+        "third": make_medusa_adapter(root, "third", seed=3),
+        "v1": make_medusa_adapter(root, "v1", version=1, seed=4),
+        "two_heads": make_medusa_adapter(root, "two_heads", heads=2, seed=5),
     }
 
 

@@ -36,17 +36,13 @@ def test_median_round_and_ratios():
 
 
 def test_bench_speculation_cli_end_to_end(tmp_path, capsys):
-    from helpers import build_tiny_tokenizer, tiny_hf_model
+    from helpers import make_medusa_adapter, save_tiny_checkpoint
 
-    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
-    from gorgon.adapters.medusa_io import save_medusa_adapter
     from gorgon.cli import main
 
     model_dir = tmp_path / "model"
-    tok = build_tiny_tokenizer(model_dir)
-    tiny_hf_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id).save_pretrained(str(model_dir))
-    heads = MedusaHeads(MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=64, vocab_size=320))
-    save_medusa_adapter(heads, tmp_path / "adapter", "tiny")
+    save_tiny_checkpoint(model_dir)
+    make_medusa_adapter(tmp_path, "adapter", heads=2)
     out = tmp_path / "bench.json"
     argv = [
         "bench",
