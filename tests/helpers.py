@@ -215,6 +215,20 @@ def make_medusa_adapter(root, name, heads=3, version=2, layers=1, seed=0) -> str
     return str(out)
 
 
+@contextlib.contextmanager
+def running_engine(path, config):
+    """The real `AsyncEngine` on the checkpoint at `path` (float32, CPU) with `config`, started; shut down
+    on exit."""
+    from gorgon.engine.engine import AsyncEngine
+
+    engine = AsyncEngine.from_pretrained(str(path), dtype="float32", device="cpu", engine_config=config)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
 def save_peft_adapter(hf_model, path, seed: int = 0, std: float = 0.05, **lora_kwargs):
     """A PEFT LoRA on a copy of `hf_model` with random A and B (PEFT starts B at zero, which would test
     nothing), saved under `path`. Returns the PEFT model (the reference) in eval mode."""

@@ -3,42 +3,28 @@ for the whole session, so hostile requests meet the real tokenizer, validation a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 
 import pytest
-from helpers import save_tiny_checkpoint, serve
+from helpers import SMALL_CONFIG, running_engine, save_tiny_checkpoint, serve
 
-from gorgon.config import EngineConfig
 from gorgon.server.app import create_app
 
-ROBUST_CONFIG = EngineConfig(
-    max_input_length=64,
-    max_total_tokens=128,
-    max_batch_total_tokens=1024,
-    max_concurrent_requests=8,
-    max_stop_sequences=3,
-    max_best_of=2,
-)
+# The server tests' small limits, with best_of capped at 2 (hostile cases probe that bound).
+ROBUST_CONFIG = dataclasses.replace(SMALL_CONFIG, max_best_of=2)
 
 
 @pytest.fixture(scope="session")
 def robust_engine(tmp_path_factory):
     """The real `AsyncEngine` with `ROBUST_CONFIG`; adapters named by requests never reach the network."""
-    from gorgon.engine.engine import AsyncEngine
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         path = tmp_path_factory.mktemp("robust_llama")
         save_tiny_checkpoint(path, ROBUST_CONFIG.max_total_tokens)
-        engine = AsyncEngine.from_pretrained(
-            str(path), dtype="float32", device="cpu", engine_config=ROBUST_CONFIG
-        )
-        engine.start()
-        try:
+        with running_engine(path, ROBUST_CONFIG) as engine:
             yield engine
-        finally:
-            engine.shutdown()
 
 
 @pytest.fixture(scope="session")

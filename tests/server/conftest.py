@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
-from helpers import SMALL_CONFIG, save_tiny_checkpoint, serve
+from helpers import SMALL_CONFIG, running_engine, save_tiny_checkpoint, serve
 
 from gorgon.config import EngineConfig
 from gorgon.server.app import create_app
@@ -45,14 +45,10 @@ REAL_CONFIG = EngineConfig(
 @pytest.fixture(scope="session")
 def real_engine(tmp_path_factory):
     """The real `AsyncEngine` on a tiny random Llama (float32, CPU) with the tiny tokenizer, started once."""
-    from gorgon.engine.engine import AsyncEngine
-
     path = tmp_path_factory.mktemp("tiny_llama")
     save_tiny_checkpoint(path, REAL_CONFIG.max_total_tokens)
-    engine = AsyncEngine.from_pretrained(str(path), dtype="float32", device="cpu", engine_config=REAL_CONFIG)
-    engine.start()
-    yield engine
-    engine.shutdown()
+    with running_engine(path, REAL_CONFIG) as engine:
+        yield engine
 
 
 @pytest.fixture

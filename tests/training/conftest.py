@@ -11,7 +11,7 @@ import pytest
 from fake_openai import BROKEN, FLAKY, LONG, REFUSED, fake_answer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from helpers import save_tiny_checkpoint, serve
+from helpers import running_engine, save_tiny_checkpoint, serve
 
 from gorgon.config import EngineConfig
 
@@ -104,11 +104,5 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir):
-    from gorgon.engine.engine import AsyncEngine
-
-    engine = AsyncEngine.from_pretrained(
-        str(tiny_model_dir), dtype="float32", device="cpu", engine_config=TINY_CONFIG
-    )
-    engine.start()
-    yield engine
-    engine.shutdown()
+    with running_engine(tiny_model_dir, TINY_CONFIG) as engine:
+        yield engine
