@@ -59,7 +59,7 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--speculation-max-batch-size",
         type=int,
-        default=32,
+        default=SpeculationConfig.max_batch_size,
         help="decode steps with more sequences run without drafts",
     )
     p.add_argument(
@@ -72,7 +72,7 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--medusa-ngram-branch",
         type=int,
-        default=1,
+        default=SpeculationConfig.ngram_branch,
         help="a branch of N nodes added to the Medusa tree, filled by n-gram lookup in the request's own text "
         "(0: none)",
     )

@@ -57,9 +57,9 @@ class AttentionMetadata:
     row_pos: torch.Tensor
     slot_table: torch.Tensor
     write_slots: torch.Tensor
+    row_group: torch.Tensor
     sliding_window: int | None
     use_kernel: bool
-    row_group: torch.Tensor | None = None
     blocked: BlockedLayout | None = None
 
     @classmethod
@@ -90,9 +90,9 @@ class AttentionMetadata:
             row_pos=torch.tensor(row_pos, dtype=torch.long, device=device),
             slot_table=table,
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
+            row_group=torch.tensor(row_group, dtype=torch.long, device=device),
             sliding_window=sliding_window,
             use_kernel=use_kernel,
-            row_group=torch.tensor(row_group, dtype=torch.long, device=device),
         )
         if not use_kernel:
             meta.blocked = _blocked_layout(seq_rows, seq_pos, table, T, heads_per_kv, sliding_window)
