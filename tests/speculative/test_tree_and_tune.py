@@ -81,8 +81,8 @@ def test_choose_tree_trades_tokens_for_cost():
     p = torch.tensor([[0.5, 0.2], [0.3, 0.1]])
     cheap = StepCost((1, 64), (0.01, 0.0101))  # verification nearly free: take every node
     costly = StepCost((1, 2, 64), (0.01, 0.02, 0.64))  # every row costs a full step: take none but one
-    assert choose_tree(p, cheap, 6)[0].tree.size == 6
-    assert choose_tree(p, costly, 6)[0].tree.size == 1
+    assert choose_tree(p, lambda rows, depth: cheap.seconds(rows), 6)[0].tree.size == 6
+    assert choose_tree(p, lambda rows, depth: costly.seconds(rows), 6)[0].tree.size == 1
 
 
 def test_choose_tree_counts_the_ngram_node():

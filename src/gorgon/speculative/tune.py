@@ -105,9 +105,8 @@ def choose_tree(
 ) -> tuple[TreeChoice, list[TreeChoice]]:
     """The tree with the most expected tokens per second; also every candidate size, for the report.
 
-    `cost`: a StepCost (seconds by verified rows) or a function (rows, depth) -> seconds. `ngram`: with an
-    n-gram node, its gain [R - 1] for trees whose first level is R wide (from `ngram_hits`)."""
-    seconds_of = cost if callable(cost) else (lambda rows, depth: cost.seconds(rows))
+    `cost(rows, depth)`: seconds of a step verifying `rows` rows whose heads draft `depth` deep (VerifyCost).
+    `ngram`: with an n-gram node, its gain [R - 1] for trees whose first level is R wide (`ngram_hits`)."""
     candidates = []
     for tree, expected in best_trees(p, max_nodes):
         rows, depth = 1 + tree.size, tree.depth
@@ -115,7 +114,7 @@ def choose_tree(
             width = tree.top_k  # first-level ranks are 0..width-1 (a child is never likelier than its parent)
             expected += float(ngram[min(width, len(ngram)) - 1])
             rows += 1
-        seconds = seconds_of(rows, depth)
+        seconds = cost(rows, depth)
         candidates.append(TreeChoice(tree, expected, seconds, expected / seconds))
     best = max(candidates, key=lambda c: c.tokens_per_second)
     return best, candidates
