@@ -111,8 +111,9 @@ def choose_tree(
     for tree, expected in best_trees(p, max_nodes):
         rows, depth = 1 + tree.size, tree.depth
         if ngram is not None:
-            width = tree.top_k  # first-level ranks are 0..width-1 (a child is never likelier than its parent)
-            expected += float(ngram[min(width, len(ngram)) - 1])
+            # The server's n-gram node falls back to head 0's rank tree.top_k; its gain is counted as if the
+            # first level held every rank below that (exact unless a deeper level is wider than the first).
+            expected += float(ngram[min(tree.top_k, len(ngram)) - 1])
             rows += 1
         seconds = cost(rows, depth)
         candidates.append(TreeChoice(tree, expected, seconds, expected / seconds))
