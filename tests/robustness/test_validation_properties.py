@@ -244,7 +244,10 @@ _VALID_FIELDS = {
     "max_new_tokens": st.integers(1, CONFIG.max_total_tokens - CONFIG.max_input_length),
     "truncate": st.integers(1, CONFIG.max_input_length),
     "return_k_alternatives": st.integers(0, MAX_ALTERNATIVES),
-    "stop": st.lists(st.text(_ANY_CHAR, min_size=1, max_size=8), max_size=CONFIG.max_stop_sequences),
+    # Valid stop sequences are valid Unicode: lone surrogates are refused (PARAMETER_FIELDS feeds those).
+    "stop": st.lists(
+        st.text(st.characters(codec="utf-8"), min_size=1, max_size=8), max_size=CONFIG.max_stop_sequences
+    ),
     "do_sample": st.booleans(),
     "details": st.booleans(),
     "decoder_input_details": st.booleans(),
