@@ -1,0 +1,45 @@
+import json
+import sys
+
+from gorgon.bench.prompts import PROMPT_SETS
+from gorgon.training import compose
+from gorgon.training.conversations import load_conversations
+
+
+def test_compose_is_distinct_deterministic_and_varied():
+    first = compose.compose(500, seed=3)
+    assert len(first) == 500 and len(set(first)) == 500
+    assert first == compose.compose(500, seed=3)
+    assert first != compose.compose(500, seed=4)
+    # Many kinds of request, not one template repeated: the first two words vary widely.
+    assert len({" ".join(t.split()[:2]) for t in first}) > 60
+    assert all(t == " ".join(t.split()) and t[-1] in ".?\"" for t in first)
+
+
+def test_too_close_is_a_word_set_jaccard():
+    held = [compose.words("Write a short story about a lighthouse keeper")]
+    assert compose.too_close("write a short story about the lighthouse keeper!", held, 0.5)
+    assert not compose.too_close("Give me a recipe for banana bread.", held, 0.5)
+
+
+def test_excluded_prompts_stay_out():
+    # A held-out prompt that is exactly one composable request, and its near variants, are never produced.
+    held = ["Give me a recipe for banana bread."]
+    texts = compose.compose(2000, seed=0, exclude=held, threshold=0.5)
+    assert not any(compose.too_close(t, [compose.words(held[0])], 0.5) for t in texts)
+    assert "Give me a recipe for pancakes." in compose.compose(2000, seed=0)  # the template itself works
+
+
+def test_main_writes_distill_input_without_benchmark_prompts(tmp_path, monkeypatch):
+    out = tmp_path / "prompts.json"
+    extra = tmp_path / "held.json"
+    extra.write_text(json.dumps(["How does a solar panel work?"]))
+    argv = ["compose", str(out), "--n", "300", "--seed", "1", "--exclude", str(extra)]
+    monkeypatch.setattr(sys, "argv", argv)
+    compose.main()
+    dataset = load_conversations(out)
+    texts = [c.messages[0]["content"] for c in dataset.conversations]
+    assert len(texts) == 300 and not dataset.invalid
+    held = [compose.words(p) for prompts in PROMPT_SETS.values() for p in prompts]
+    held.append(compose.words("How does a solar panel work?"))
+    assert not any(compose.too_close(t, held, 0.5) for t in texts)
