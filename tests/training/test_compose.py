@@ -13,7 +13,7 @@ def test_compose_is_distinct_deterministic_and_varied():
     assert first != compose.compose(500, seed=4)
     # Many kinds of request, not one template repeated: the first two words vary widely.
     assert len({" ".join(t.split()[:2]) for t in first}) > 60
-    assert all(t == " ".join(t.split()) and t[-1] in ".?\"" for t in first)
+    assert all(t == " ".join(t.split()) and t[-1] in '.?"' for t in first)
 
 
 def test_too_close_is_a_word_set_jaccard():

@@ -254,11 +254,17 @@ def _math_request(rng: random.Random) -> str:
         lambda: f"What is {rng.choice((5, 10, 12, 15, 20, 25, 30, 40))}% of {c}?",
         lambda: f"Solve for x: {a}x + {b} = {a * rng.randint(2, 15) + b}.",
         lambda: f"A car travels {c} km in {b} hours. What is its average speed?",
-        lambda: f"If a shirt costs ${c} and is on sale for {rng.choice((10, 20, 25, 30))}% off, what is the "
-        "sale price?",
-        lambda: f"I have {c} apples and give away {a}. Then I buy {b} bags of {a} apples. How many do I have?",
+        lambda: (
+            f"If a shirt costs ${c} and is on sale for {rng.choice((10, 20, 25, 30))}% off, what is the "
+            "sale price?"
+        ),
+        lambda: (
+            f"I have {c} apples and give away {a}. Then I buy {b} bags of {a} apples. How many do I have?"
+        ),
         lambda: f"What is the area of a rectangle that is {a} cm long and {b} cm wide?",
-        lambda: f"A recipe for {b} people needs {a * 10} grams of flour. How much do I need for {b + a} people?",
+        lambda: (
+            f"A recipe for {b} people needs {a * 10} grams of flour. How much do I need for {b + a} people?"
+        ),
         lambda: f"Convert {c} minutes into hours and minutes.",
         lambda: f"What is the average of {a}, {b}, {c} and {a + b}?",
         lambda: f"A rectangle has a perimeter of {2 * (a + b)} cm and a length of {a} cm. What is its width?",
