@@ -121,7 +121,8 @@ class EngineConfig:
     # A request's tokens do not depend on its batch (invariant kernels, or BLAS with padded row counts).
     # False only to measure what that costs: plain BLAS calls, no padding.
     batch_invariant: bool = True
-    # Time verification steps of several sizes at start, so speculation turns off where it does not pay.
+    # Time verification steps of several sizes at start, and every decode step while serving, so speculation
+    # turns off where it does not pay (False: drafts on every step up to the speculator's max batch size).
     measure_speculation_cost: bool = True
     # Seconds a request may take from admission to its last token (None: no limit); past it, it fails.
     request_timeout: float | None = None

@@ -13,6 +13,7 @@ from gorgon.config import EngineConfig
 from gorgon.engine.llm_engine import LLMEngine
 from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams, StoppingParams
 from gorgon.engine.speculation import SpeculationStats, Speculator
+from gorgon.engine.step_times import StepTimes
 from gorgon.speculative.tree import CandidateTree
 
 # Exactness tests force drafts on every step; the measured policy has tests of its own below.
@@ -29,6 +30,7 @@ class OracleSpeculator(Speculator):
         self.tree, self.max_batch_size = tree, 64
         self.futures, self.wrong, self.rng = futures, wrong, random.Random(seed)
         self.stats = SpeculationStats(accepted_per_depth=[0] * tree.depth)
+        self.times = StepTimes()
 
     def draft(self, hidden, seqs):
         trees = []
@@ -183,6 +185,81 @@ def test_measured_policy_speculates_only_where_it_pays():
     spec.stats.emitted_tokens = 100  # drafts never accepted: 1 token per step
     assert not spec.should_speculate(1)
     assert StepCost((1, 8), (1.0, 2.0)).seconds(15) == pytest.approx(3.0)  # extrapolated
+
+
+def test_step_times_means_and_exploration():
+    times = StepTimes(alpha=0.5, min_samples=2, explore_every=10, burst=2)
+    assert times.seconds(4, True) is None
+    times.record(4, True, 0.010)
+    assert times.seconds(4, True) is None  # one step is not trusted yet
+    times.record(4, True, 0.020)
+    assert times.seconds(4, True) == pytest.approx(0.015)  # moving mean, newest weighted alpha
+    # The other mode has no trusted mean: after `burst` decisions it is run for `burst` decisions.
+    assert [times.decide(4, True) for _ in range(2)] == [True, False]
+    times.record(4, False, 0.01)
+    times.record(4, False, 0.01)
+    assert times.decide(4, True) is False  # the burst's end
+    # Both known: the preferred mode, except a burst of the other one every `explore_every` decisions.
+    decisions = [times.decide(4, True) for _ in range(40)]
+    assert decisions.count(False) == 8 and decisions[:8] == [True] * 8
+    assert times.decide(5, False) is False  # loads are separate
+
+
+def test_policy_trusts_measured_step_times_over_the_start_up_table():
+    from gorgon.engine.speculation import StepCost
+
+    spec = OracleSpeculator(CandidateTree.load("chain-3"), {}, 0.0)
+    spec.cost = StepCost((1, 64), (0.010, 0.011))  # the table says drafts are nearly free
+    spec.stats.verified_sequences, spec.stats.emitted_tokens = 100, 150  # 1.5 tokens per step
+    spec.times = StepTimes(explore_every=1000)
+    assert spec.should_speculate(2)
+    for _ in range(3):  # but measured steps with drafts take twice a plain step's time
+        spec.times.record(2, True, 0.020)
+        spec.times.record(2, False, 0.010)
+    assert sum(spec.should_speculate(2) for _ in range(100)) == 0
+    for _ in range(20):  # cheaper steps with drafts (e.g. shorter contexts, no LoRA): on again
+        spec.times.record(2, True, 0.012)
+    assert spec.should_speculate(2) and spec.should_speculate(1)
+
+
+def test_engine_times_its_steps_and_stops_speculating_when_drafts_cost_more(
+    hf_model, tiny_tokenizer, monkeypatch
+):
+    """End to end: verification made slow on purpose (a sleep in the runner for steps with drafts) turns
+    speculation off within a request, though the start-up table priced it as cheap; outputs unchanged."""
+    import time
+
+    from gorgon.engine.runner import ModelRunner
+
+    ps = prompts(2, seed=8)
+    reqs = [request(p, max_new=80) for p in ps]
+    plain = run(engine(hf_model, tiny_tokenizer, torch.float32), reqs)
+    futures = {tuple(p): [t.id for t in f.tokens] for p, f in zip(ps, plain)}
+    spec = OracleSpeculator(CandidateTree.load("chain-2"), futures, wrong=0.5)  # ~1.7 tokens per step
+    spec.times = StepTimes(explore_every=1000)
+    config = EngineConfig(max_input_length=200, max_total_tokens=400, max_batch_total_tokens=6000)
+    eng = LLMEngine(
+        gorgon_from_hf(hf_model, torch.float32),
+        tiny_tokenizer,
+        config,
+        torch.float32,
+        torch.device("cpu"),
+        {1},
+        spec,
+    )
+    assert spec.cost is not None
+    slow_run = ModelRunner.run
+
+    def run_slowly(self, plan):
+        if any(chunk.draft for chunk in plan.chunks):
+            time.sleep(0.03)  # drafts triple a step's time or more: 1.7 tokens per step cannot pay
+        return slow_run(self, plan)
+
+    monkeypatch.setattr(ModelRunner, "run", run_slowly)
+    fast = run(eng, reqs)
+    assert [[t.id for t in f.tokens] for f in fast] == [[t.id for t in f.tokens] for f in plain]
+    assert spec.times.seconds(2, True) > spec.times.seconds(2, False)
+    assert spec.stats.steps_off > 2 * spec.stats.steps_on  # off once measured, after a few steps on
 
 
 def test_cost_is_measured_at_start(hf_model, tiny_tokenizer):

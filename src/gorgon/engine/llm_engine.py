@@ -147,6 +147,7 @@ class LLMEngine:
                 if chunk.samples and not heads.has_own_lm_heads:
                     chunk.draft_heads = heads
         self.last_batch_size = len(plan.chunks)
+        started = time.perf_counter()
         try:
             out = self.runner.run(plan)
         except Exception as exc:  # a failed forward pass fails requests, never the server
@@ -163,6 +164,19 @@ class LLMEngine:
         ]
         if sampling:
             self._sample_and_emit(sampling, speculate)
+        if decoding:
+            self._record_step_time(plan, decoding, speculate, time.perf_counter() - started)
+
+    def _record_step_time(self, plan: StepPlan, decoding: int, speculate: bool, seconds: float) -> None:
+        """Time pure decode steps for the speculation policy; a step with drafts counts only when every
+        sequence verified one (the first step after a plain one has none yet and costs like a plain one)."""
+        if self.speculator is None or not self.config.measure_speculation_cost:
+            return
+        if len(plan.chunks) != decoding:
+            return  # a prefill chunk rode along: not a decode step's cost
+        if speculate and not all(chunk.draft for chunk in plan.chunks):
+            return
+        self.speculator.times.record(decoding, speculate, seconds)
 
     def _expire(self) -> None:
         """Fail the requests whose deadline (`request_timeout`) has passed, waiting or running."""

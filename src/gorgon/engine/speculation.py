@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gorgon.config import SpeculationConfig
+from gorgon.engine.step_times import StepTimes
 from gorgon.speculative.tree import BUILTIN_TREES, CandidateTree
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Speculator:
     heads = None  # Medusa heads (None for drafters that do not use them)
     typical = False  # Medusa's typical acceptance for sampled rows (lossy); else lossless acceptance
     ngram_nodes: tuple[int, ...] = ()  # tree nodes filled by n-gram lookup (`ngram_branch`)
+    times: StepTimes  # this engine's measured step times, set in __init__
 
     def __init__(
         self,
@@ -93,6 +95,7 @@ class Speculator:
         self.max_ngram = max_ngram
         self.max_batch_size = max_batch_size
         self.stats = SpeculationStats(accepted_per_depth=[0] * self.tree.depth)
+        self.times = StepTimes()
 
     @property
     def num_speculative_tokens(self) -> int:
@@ -102,14 +105,22 @@ class Speculator:
         """Whether a step with `decoding` decode sequences should verify drafts.
 
         Speculation pays when the tokens it emits per sequence-step (measured, `expected_tokens`) outweigh
-        what the extra verification rows cost (measured at start: `cost`). Past `max_batch_size` it is off.
+        what its step costs over a plain one: measured on this engine's own steps at this load once both
+        kinds were timed (`times`), else estimated from the start-up table (`cost`). Past `max_batch_size`
+        it is off.
         """
         if not 0 < decoding <= self.max_batch_size:
             return False
-        if self.cost is None:
-            return True
-        rows = decoding * (1 + self.tree.size)
-        return self.expected_tokens() * self.cost.seconds(decoding) > self.cost.seconds(rows)
+        tokens = self.expected_tokens()
+        on, off = self.times.seconds(decoding, True), self.times.seconds(decoding, False)
+        if on is not None and off is not None:
+            pays = tokens * off > on
+        elif self.cost is not None:
+            rows = decoding * (1 + self.tree.size)
+            pays = tokens * self.cost.seconds(decoding) > self.cost.seconds(rows)
+        else:
+            pays = True
+        return self.times.decide(decoding, pays)
 
     def expected_tokens(self) -> float:
         """Tokens per sequence-step with drafts: measured once enough steps were verified, else a prior."""
@@ -177,6 +188,7 @@ class NgramSpeculator(Speculator):
         self.max_batch_size = max_batch_size
         self.max_ngram = max_ngram
         self.stats = SpeculationStats(accepted_per_depth=[0] * num_tokens)
+        self.times = StepTimes()
 
     def draft(self, hidden: torch.Tensor, seqs: list) -> list[list[int]]:
         return [lookup(seq.token_ids, self.tree.size, self.max_ngram) for seq in seqs]

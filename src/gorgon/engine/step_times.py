@@ -1,0 +1,67 @@
+"""Measured decode-step times, by load and by whether the step verified drafts: what the speculation policy
+trusts over its start-up estimate.
+
+The start-up table (`StepCost`) times bare forward passes; a real step also pays for the heads, LoRA
+adapters, longer contexts, sampling and acceptance. So the engine times every pure decode step and keeps,
+per number of decoding sequences, a running mean of the steps with drafts and of those without. The policy
+compares them once both exist and, now and then, runs a few steps of the choice it is not making, so that
+a mean it has stopped refreshing cannot keep a stale verdict forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Mean:
+    seconds: float
+    count: int = 1
+
+
+class StepTimes:
+    """Exponential moving means of step seconds keyed by (decoding sequences, speculated)."""
+
+    def __init__(self, alpha: float = 0.2, min_samples: int = 3, explore_every: int = 64, burst: int = 3):
+        self.alpha = alpha  # weight of the newest step: a load's cost drifts as contexts grow
+        self.min_samples = min_samples  # before this many, a mean is not trusted
+        self.explore_every = explore_every  # decisions at one load between re-measurements of the other mode
+        self.burst = burst  # decisions one re-measurement takes (the first step after a switch is atypical)
+        self._means: dict[tuple[int, bool], _Mean] = {}
+        self._since: dict[int, int] = {}  # decisions at this load since the last exploration burst began
+        self._exploring: dict[int, tuple[bool, int]] = {}  # load -> (mode explored, decisions left)
+
+    def record(self, decoding: int, speculated: bool, seconds: float) -> None:
+        mean = self._means.get((decoding, speculated))
+        if mean is None:
+            self._means[(decoding, speculated)] = _Mean(seconds)
+        else:
+            mean.seconds += self.alpha * (seconds - mean.seconds)
+            mean.count += 1
+
+    def seconds(self, decoding: int, speculated: bool) -> float | None:
+        """The mean step time at this load and mode, or None while it rests on too few steps."""
+        mean = self._means.get((decoding, speculated))
+        return mean.seconds if mean is not None and mean.count >= self.min_samples else None
+
+    def decide(self, decoding: int, preferred: bool) -> bool:
+        """The mode to run at this load given the policy's `preferred` one: that, except during a short burst
+        of the other mode every `explore_every` decisions (or until the other mode has a trusted mean)."""
+        since = self._since.get(decoding, 0) + 1
+        mode, left = self._exploring.get(decoding, (preferred, 0))
+        if left > 0:
+            self._exploring[decoding] = (mode, left - 1)
+            self._since[decoding] = since
+            return mode
+        other = not preferred
+        untrusted = self.seconds(decoding, other) is None
+        if since >= self.explore_every or (untrusted and since >= self.burst and self._known(decoding)):
+            self._since[decoding] = 0
+            self._exploring[decoding] = (other, self.burst - 1)
+            return other
+        self._since[decoding] = since
+        return preferred
+
+    def _known(self, decoding: int) -> bool:
+        """Whether the preferred mode already has a trusted mean (explore only once it does)."""
+        return any(self.seconds(decoding, mode) is not None for mode in (False, True))
