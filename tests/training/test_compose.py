@@ -1,18 +1,21 @@
 import json
 import sys
 
+import pytest
+
 from gorgon.bench.prompts import PROMPT_SETS
 from gorgon.training import compose
 from gorgon.training.conversations import load_conversations
 
 
-def test_compose_is_distinct_deterministic_and_varied():
-    first = compose.compose(500, seed=3)
+@pytest.mark.parametrize("family", ["general", "code"])
+def test_compose_is_distinct_deterministic_and_varied(family):
+    first = compose.compose(500, family, seed=3)
     assert len(first) == 500 and len(set(first)) == 500
-    assert first == compose.compose(500, seed=3)
-    assert first != compose.compose(500, seed=4)
-    # Many kinds of request, not one template repeated: the first two words vary widely.
-    assert len({" ".join(t.split()[:2]) for t in first}) > 60
+    assert first == compose.compose(500, family, seed=3)
+    assert first != compose.compose(500, family, seed=4)
+    # Many kinds of request, not one template repeated.
+    assert len({" ".join(t.split()[:4]) for t in first}) > 40
     assert all(t == " ".join(t.split()) and t[-1] in '.?"' for t in first)
 
 
@@ -30,11 +33,13 @@ def test_excluded_prompts_stay_out():
     assert "Give me a recipe for pancakes." in compose.compose(2000, seed=0)  # the template itself works
 
 
-def test_main_writes_distill_input_without_benchmark_prompts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["general", "code"])
+def test_main_writes_distill_input_without_benchmark_prompts(tmp_path, monkeypatch, family):
     out = tmp_path / "prompts.json"
     extra = tmp_path / "held.json"
     extra.write_text(json.dumps(["How does a solar panel work?"]))
     argv = ["compose", str(out), "--n", "300", "--seed", "1", "--exclude", str(extra)]
+    argv += ["--family", family]
     monkeypatch.setattr(sys, "argv", argv)
     compose.main()
     dataset = load_conversations(out)

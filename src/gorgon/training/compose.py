@@ -325,7 +325,204 @@ def _general_request(rng: random.Random) -> str:
     return pick(CODE_FORMS).format(l=pick(LANGUAGES), t=pick(PROGRAM_TASKS))
 
 
-FAMILIES = {"general": _general_request}
+CODE_FUNCTIONS = (
+    "reverses a linked list",
+    "checks whether the parentheses in a string are balanced",
+    "finds the longest common prefix of a list of strings",
+    "transposes a matrix",
+    "counts how often each character appears in a string",
+    "converts an integer to its binary representation",
+    "rotates a list by k positions",
+    "returns the indices of two numbers that add up to a target",
+    "finds the missing number in a list of 1 to n",
+    "merges overlapping intervals",
+    "computes the power set of a list",
+    "checks whether a string is a valid IPv4 address",
+    "returns the n-th row of Pascal's triangle",
+    "finds all permutations of a string",
+    "computes the median of a list",
+    "chunks a list into pieces of size n",
+    "converts a string to title case without using title()",
+    "finds the longest word in a sentence",
+    "checks whether a number is a perfect square",
+    "returns the prime factors of a number",
+    "computes the edit distance between two strings",
+    "finds the first non-repeating character in a string",
+    "validates a Sudoku row",
+    "computes the running average of a stream of numbers",
+    "converts hex to RGB",
+    "finds the kth largest element in a list",
+    "groups words that are anagrams of each other",
+    "compresses a string like aabccc into a2b1c3",
+    "computes the dot product of two vectors",
+    "checks whether a binary tree is balanced",
+    "computes the depth of a binary tree",
+    "converts a dictionary to a query string",
+    "finds duplicate files by their size and hash",
+    "returns the day of the week for a date",
+    "computes the Levenshtein ratio of two words",
+    "splits a camelCase string into words",
+    "finds the majority element in a list",
+)
+CODE_ALGORITHMS = (
+    "merge sort",
+    "insertion sort",
+    "heap sort",
+    "bubble sort",
+    "breadth-first search on a graph",
+    "depth-first search on a graph",
+    "Dijkstra's algorithm",
+    "a binary search tree with insert and search",
+    "a queue using two stacks",
+    "an LRU cache",
+    "a trie for word lookups",
+    "a min-heap",
+    "the sieve of Eratosthenes",
+    "a hash map with separate chaining",
+    "topological sort",
+    "union-find",
+    "the knapsack problem with dynamic programming",
+    "matrix multiplication",
+    "a circular buffer",
+    "run-length encoding",
+    "the Caesar cipher",
+    "a simple tokenizer for arithmetic expressions",
+    "a rate limiter",
+    "the Luhn checksum",
+    "an event emitter",
+)
+CODE_CLASSES = (
+    "a bank account with deposit and withdraw",
+    "a to-do list",
+    "a shopping cart",
+    "a 2D point with distance",
+    "a library that lends books",
+    "a temperature sensor reading",
+    "a deck of playing cards",
+    "a simple timer",
+    "a matrix with addition and multiplication",
+    "a student with grades and an average",
+    "an inventory of items",
+    "a parking lot",
+    "a rectangle with area and perimeter",
+    "a priority queue",
+    "a contact book",
+)
+CODE_HOW_TOS = (
+    "read a JSON file",
+    "sort a dictionary by value",
+    "make an HTTP GET request",
+    "handle exceptions properly",
+    "read a file line by line",
+    "create a virtual environment",
+    "format a date as a string",
+    "measure how long a function takes",
+    "write to a CSV file",
+    "parse command-line arguments",
+    "run two tasks at the same time",
+    "copy a list without changing the original",
+    "generate random numbers",
+    "join paths in a portable way",
+    "check if a key exists in a dictionary",
+    "convert a string to a date",
+    "remove an item from a list while iterating",
+    "read environment variables",
+    "log messages to a file",
+    "zip two lists together",
+    "use list comprehensions",
+    "write a decorator",
+    "use a context manager",
+)
+CODE_CONCEPTS = (
+    ("a list", "a tuple"),
+    ("==", "is"),
+    ("a process", "a thread"),
+    ("a class", "an object"),
+    ("an interface", "an abstract class"),
+    ("stack memory", "heap memory"),
+    ("let", "var"),
+    ("a shallow copy", "a deep copy"),
+    ("synchronous", "asynchronous code"),
+    ("SQL", "NoSQL databases"),
+    ("compiled", "interpreted languages"),
+    ("git merge", "git rebase"),
+    ("GET", "POST requests"),
+    ("recursion", "iteration"),
+    ("a set", "a list"),
+    ("static typing", "dynamic typing"),
+)
+SQL_TASKS = (
+    "lists the employees who earn more than their manager",
+    "counts the orders per month",
+    "finds the products that were never ordered",
+    "returns the second highest salary",
+    "deletes duplicate rows from a table",
+    "joins customers with their latest order",
+    "computes the average rating per movie",
+    "finds users who signed up in the last 30 days",
+    "ranks students by their score in each class",
+    "finds departments with more than ten employees",
+)
+SHELL_TASKS = (
+    "finds the largest files in a directory",
+    "counts the lines in all Python files",
+    "backs up a folder into a dated archive",
+    "prints the ten most common words in a file",
+    "checks whether a website is up",
+    "deletes log files older than seven days",
+    "monitors the memory usage of a process",
+    "downloads a list of URLs from a file",
+)
+CODE_LANGUAGES = ("Python",) * 6 + (
+    "JavaScript",
+    "JavaScript",
+    "Java",
+    "C++",
+    "Go",
+    "Rust",
+    "TypeScript",
+    "C",
+)
+
+
+def _code_request(rng: random.Random) -> str:
+    kind = rng.randrange(9)
+    pick, lang = rng.choice, rng.choice(CODE_LANGUAGES)
+    if kind <= 2:
+        form = pick(
+            (
+                "Write a {l} function that {t}.",
+                "Write a {l} function that {t}, and explain how it works.",
+                "Write a {l} function that {t}. Include a few test cases.",
+                "How do I write a function in {l} that {t}?",
+                "Write an efficient {l} function that {t} and give its time complexity.",
+            )
+        )
+        return form.format(l=lang, t=pick(CODE_FUNCTIONS))
+    if kind == 3:
+        form = pick(
+            ("Implement {a} in {l}.", "Write {a} in {l} with comments.", "Explain and implement {a} in {l}.")
+        )
+        return form.format(a=pick(CODE_ALGORITHMS), l=lang)
+    if kind == 4:
+        form = pick(("Write a {l} class for {c}.", "Create a {l} class that models {c}."))
+        return form.format(l=lang, c=pick(CODE_CLASSES))
+    if kind == 5:
+        form = pick(
+            ("How do I {h} in {l}?", "Show me how to {h} in {l}.", "What is the best way to {h} in {l}?")
+        )
+        return form.format(h=pick(CODE_HOW_TOS), l=pick(("Python", "Python", "JavaScript", "Java", "Go")))
+    if kind == 6:
+        a, b = pick(CODE_CONCEPTS)
+        return pick(
+            ("What is the difference between {a} and {b}?", "Explain {a} versus {b} with an example.")
+        ).format(a=a, b=b)
+    if kind == 7:
+        return f"Write a SQL query that {pick(SQL_TASKS)}."
+    return f"Write a {pick(('bash script', 'shell command', 'Python script'))} that {pick(SHELL_TASKS)}."
+
+
+FAMILIES = {"general": _general_request, "code": _code_request}
 
 _WORD = re.compile(r"[a-z0-9]+")
 
