@@ -49,7 +49,8 @@ class DataArguments:
     data_path: str | None = field(
         default=None,
         metadata={
-            "help": "JSON/JSONL of message lists (as `gorgon distill` writes), OpenAI messages or ShareGPT"
+            "help": "JSON/JSONL of message lists (as `gorgon distill` writes), OpenAI messages or ShareGPT; "
+            "several files separated by commas are trained on together"
         },
     )
     eval_data_path: str | None = field(

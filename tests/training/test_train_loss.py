@@ -14,6 +14,7 @@ from gorgon.training import medusa_loss as ml
 from gorgon.training.data import (
     IGNORE_INDEX,
     load_message_lists,
+    load_message_lists_from,
     tokenize_conversation,
     tokenize_conversations,
 )
@@ -71,6 +72,10 @@ def test_reads_message_lists_and_sharegpt(tmp_path):
     convs = load_message_lists(path)
     assert len(convs) == 3  # repeated conversations are kept (distinct answers are distinct data)
     assert convs[1] == ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"})
+    other = tmp_path / "e.jsonl"
+    other.write_text(json.dumps(sharegpt) + "\n")
+    both = load_message_lists_from(f"{path}, {other}")  # --data_path A,B trains on both, in order
+    assert both == convs + load_message_lists(other) and len(both) == 4
 
 
 def test_head_targets_by_hand():

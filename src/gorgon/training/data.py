@@ -54,6 +54,11 @@ class TokenizedDataset:
         return sum(c.num_assistant_tokens for c in self.items)
 
 
+def load_message_lists_from(paths: str) -> list[tuple[Message, ...]]:
+    """`load_message_lists` of each comma-separated file, concatenated in order."""
+    return [conv for path in paths.split(",") if path.strip() for conv in load_message_lists(path.strip())]
+
+
 def load_message_lists(path: str | Path) -> list[tuple[Message, ...]]:
     """Every conversation of a JSON/JSONL file (message lists as `gorgon distill` writes, OpenAI `messages`
     or ShareGPT), normalised to OpenAI roles. Unlike replay, nothing is deduplicated: two conversations with

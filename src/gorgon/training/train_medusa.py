@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
 from gorgon.adapters.medusa_io import save_medusa_adapter
 from gorgon.kernels.linear import InvariantLinear
-from gorgon.training.data import IGNORE_INDEX, load_message_lists, tokenize_conversations
+from gorgon.training.data import IGNORE_INDEX, load_message_lists_from, tokenize_conversations
 from gorgon.training.medusa_loss import HEAD_DECAY, head_targets, medusa_loss, summarize
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,9 @@ def prepare_data(ckpt, base, data_args, max_length: int, seed: int) -> PreparedD
     """Tokenise, split, and run the base model once over train and validation conversations."""
     from gorgon.training.features import cached_hidden_states
 
-    convs = load_message_lists(data_args.data_path)
+    convs = load_message_lists_from(data_args.data_path)
     if data_args.eval_data_path:
-        train_convs, eval_convs = convs, load_message_lists(data_args.eval_data_path)
+        train_convs, eval_convs = convs, load_message_lists_from(data_args.eval_data_path)
     else:
         train_convs, eval_convs = split_conversations(convs, data_args.validation_split, seed)
     tok = ckpt.tokenizer
