@@ -225,10 +225,10 @@ def test_policy_trusts_measured_step_times_over_the_start_up_table():
 def test_engine_times_its_steps_and_stops_speculating_when_drafts_cost_more(
     hf_model, tiny_tokenizer, monkeypatch
 ):
-    """End to end: verification made slow on purpose (a sleep in the runner for steps with drafts) turns
-    speculation off within a request, though the start-up table priced it as cheap; outputs unchanged."""
-    import time
-
+    """End to end: the engine's clock (virtual here, so the test is deterministic) shows steps with drafts
+    taking 4x a plain step; speculation turns off within a request, though the start-up table priced it as
+    cheap; outputs unchanged."""
+    from gorgon.engine import llm_engine
     from gorgon.engine.runner import ModelRunner
 
     ps = prompts(2, seed=8)
@@ -238,27 +238,32 @@ def test_engine_times_its_steps_and_stops_speculating_when_drafts_cost_more(
     spec = OracleSpeculator(CandidateTree.load("chain-2"), futures, wrong=0.5)  # ~1.7 tokens per step
     spec.times = StepTimes(explore_every=1000)
     config = EngineConfig(max_input_length=200, max_total_tokens=400, max_batch_total_tokens=6000)
-    eng = LLMEngine(
-        gorgon_from_hf(hf_model, torch.float32),
-        tiny_tokenizer,
-        config,
-        torch.float32,
-        torch.device("cpu"),
-        {1},
-        spec,
-    )
+    model = gorgon_from_hf(hf_model, torch.float32)
+    eng = LLMEngine(model, tiny_tokenizer, config, torch.float32, torch.device("cpu"), {1}, spec)
     assert spec.cost is not None
-    slow_run = ModelRunner.run
 
-    def run_slowly(self, plan):
-        if any(chunk.draft for chunk in plan.chunks):
-            time.sleep(0.03)  # drafts triple a step's time or more: 1.7 tokens per step cannot pay
-        return slow_run(self, plan)
+    class Clock:
+        now = 0.0
 
-    monkeypatch.setattr(ModelRunner, "run", run_slowly)
+        def perf_counter(self):
+            return self.now
+
+        def monotonic(self):
+            return self.now
+
+    clock = Clock()
+    real_run = ModelRunner.run
+
+    def run_on_the_clock(self, plan):
+        clock.now += 0.040 if any(chunk.draft for chunk in plan.chunks) else 0.010
+        return real_run(self, plan)
+
+    monkeypatch.setattr(llm_engine, "time", clock)
+    monkeypatch.setattr(ModelRunner, "run", run_on_the_clock)
     fast = run(eng, reqs)
     assert [[t.id for t in f.tokens] for f in fast] == [[t.id for t in f.tokens] for f in plain]
-    assert spec.times.seconds(2, True) > spec.times.seconds(2, False)
+    assert spec.times.seconds(2, True) == pytest.approx(0.040)
+    assert spec.times.seconds(2, False) == pytest.approx(0.010)
     assert spec.stats.steps_off > 2 * spec.stats.steps_on  # off once measured, after a few steps on
 
 
@@ -319,10 +324,14 @@ def test_ngram_branch_fills_its_nodes_and_stays_exact(hf_model, tiny_tokenizer):
     from types import SimpleNamespace
 
     logits = torch.randn(3, 320)
-    repeat = SimpleNamespace(token_ids=[5, 6, 7, 8, 9, 5, 6])  # "5 6" occurred before, followed by 7 8 9
+    repeat = SimpleNamespace(
+        token_ids=[5, 6, 7, 8, 9, 5, 6], medusa=None
+    )  # "5 6" occurred before, followed by 7 8 9
     nodes = spec.tree_from_logits(logits, repeat)
     assert [nodes[i] for i in spec.ngram_nodes] == [7, 8, 9]
-    fresh = SimpleNamespace(token_ids=[1, 2, 3])  # no match: the branch keeps the heads' rank-3 guesses
+    fresh = SimpleNamespace(
+        token_ids=[1, 2, 3], medusa=None
+    )  # no match: the branch keeps the heads' rank-3 guesses
     guesses = logits.topk(4, dim=-1).indices
     assert [spec.tree_from_logits(logits, fresh)[i] for i in spec.ngram_nodes] == guesses[:, 3].tolist()
 
