@@ -81,6 +81,13 @@ class MedusaArguments:
         },
     )
     medusa_head_decay: float = field(default=0.8, metadata={"help": "head k's loss weight is decay^k"})
+    medusa_ngram_table: bool = field(
+        default=True,
+        metadata={
+            "help": "also write gorgon_ngrams.safetensors: next-token counts of the training answers, with "
+            "which Gorgon reranks the heads' drafts (other servers ignore the file)"
+        },
+    )
 
 
 @dataclass

@@ -116,6 +116,8 @@ def test_ngram_hits_count_only_new_tokens():
 
 def test_head_accuracy_counts_hits_by_rank():
     class Heads:
+        ngrams = None
+
         class config:
             num_heads = 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from gorgon.engine.request import FinalOutput, GenerationRequest, SamplingParams
 from gorgon.engine.speculation import build_speculator
 from gorgon.models.factory import build_model
 from gorgon.models.loader import resolve_checkpoint
+from gorgon.speculative.ngram_table import NGRAM_FILE
 from gorgon.train import parse_train_args
 from gorgon.training.train_medusa import train_medusa
 
@@ -148,14 +150,24 @@ def test_trained_heads_speed_up_serving_without_changing_outputs(word_model_dir,
         MedusaConfig(2, 1, 2, cfg.hidden_size, cfg.vocab_size), model.lm_head.weight.detach().float()
     )
     save_medusa_adapter(start, untrained, ckpt.model_id)
+    # The same untrained heads with the trained adapter's n-gram table of the answers.
+    table = trained / NGRAM_FILE
+    assert table.is_file() and "gorgon_ngrams.safetensors" in (trained / "README.md").read_text()
+    untrained_table = tmp_path / "untrained-table"
+    shutil.copytree(untrained, untrained_table)
+    shutil.copy(table, untrained_table / NGRAM_FILE)
 
     # 3. Serve the same prompts and unseen ones with each: outputs are plain greedy's, speed differs.
     _, unseen = _prompts(tok, 16, seed=1)
     plain_unseen = _generate(engine()[0], unseen)
     tokens_per_step = {}
-    for name, adapter in (("trained", trained), ("untrained", untrained)):
+    adapters = {"trained": trained, "untrained": untrained, "untrained+table": untrained_table}
+    for name, adapter in adapters.items():
         eng, spec = engine(adapter)
+        assert (spec.heads.ngrams is None) == (name == "untrained")
         assert _generate(eng, prompts) == plain
         assert _generate(eng, unseen) == plain_unseen
         tokens_per_step[name] = spec.stats.mean_tokens_per_step
     assert tokens_per_step["trained"] > tokens_per_step["untrained"] + 0.2, tokens_per_step
+    # The table alone (it knows the root token the heads cannot see) already drafts better than nothing.
+    assert tokens_per_step["untrained+table"] > tokens_per_step["untrained"] + 0.1, tokens_per_step

@@ -80,11 +80,15 @@ def parse_version(value: Any) -> int:
     return int(number)
 
 
+# Files Gorgon keeps next to the heads (drafting aids other servers ignore): never read as weights.
+GORGON_EXTRA_FILES = ("gorgon_ngrams.safetensors",)
+
+
 def medusa_weight_files(path: Path) -> list[Path]:
     preferred = path / WEIGHTS_FILE
     if preferred.is_file():
         return [preferred]
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.name not in GORGON_EXTRA_FILES)
     if files:
         return files
     if (path / LEGACY_WEIGHTS_FILE).is_file():

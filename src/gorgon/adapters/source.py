@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_SOURCES = ("local", "hub")
 # Everything a Medusa or LoRA adapter needs; pickles only when a repository has no safetensors.
-HUB_PATTERNS = ["config.json", "adapter_config.json", "*.safetensors"]
+HUB_PATTERNS = ["config.json", "adapter_config.json", "*.safetensors", "gorgon_tree.json"]
 HUB_LEGACY_PATTERNS = ["medusa_lm_head.pt", "adapter_model.bin"]
 
 

@@ -131,8 +131,16 @@ class Speculator:
 
     def tree_from_logits(self, logits: torch.Tensor, seq=None) -> list[int]:
         """[depth, V] speculative logits of one sequence -> its candidate tree's node tokens."""
-        nodes = self.tree.node_tokens(logits.topk(self.tree.top_k, dim=-1).indices.tolist())
-        return self._fill_ngram_branch(nodes, seq)
+        return self._fill_ngram_branch(self.tree.node_tokens(self._ranked(logits, seq)), seq)
+
+    def _ranked(self, logits: torch.Tensor, seq) -> list[list[int]]:
+        """Each depth's top-k guesses: by the heads' logits, reranked with their n-gram table when they
+        carry one (it knows the root token the heads drafted without)."""
+        heads = (seq.medusa if seq is not None else None) or self.heads
+        table = heads.ngrams if heads is not None else None
+        if table is not None and seq is not None:
+            return table.rank(logits, seq.token_ids, self.tree.top_k)
+        return logits.topk(self.tree.top_k, dim=-1).indices.tolist()
 
     def _fill_ngram_branch(self, nodes: list[int], seq) -> list[int]:
         """The n-gram branch's nodes take what followed the last earlier occurrence of the sequence's last
@@ -154,9 +162,8 @@ class Speculator:
         for members in groups.values():
             heads = seqs[members[0]].medusa or self.heads
             logits = heads.logits(hidden[members], self.lm_head)[:, : self.tree.depth]  # (n, depth, V)
-            guesses = logits.topk(self.tree.top_k, dim=-1).indices.tolist()  # (n, depth, top_k)
-            for i, g in zip(members, guesses):
-                trees[i] = self._fill_ngram_branch(self.tree.node_tokens(g), seqs[i])
+            for i, lg in zip(members, logits):
+                trees[i] = self.tree_from_logits(lg, seqs[i])
         return trees
 
 
@@ -268,4 +275,25 @@ def load_heads(
         device=device,
         model_id=model_id,
     )
+    heads.ngrams = load_ngram_table(path, cfg.vocab_size)
     return path, heads
+
+
+def load_ngram_table(path, vocab_size: int):
+    """The adapter's n-gram table (`gorgon_ngrams.safetensors`), or None when it has none or a bad one: the
+    table only ranks drafts, so a broken one is left out with a warning rather than refusing the heads."""
+    from gorgon.speculative.ngram_table import NGRAM_FILE, NgramTable
+
+    file = path / NGRAM_FILE
+    if not file.is_file():
+        return None
+    try:
+        table = NgramTable.load(file)
+    except Exception as e:  # noqa: BLE001 - safetensors and format errors alike
+        log.warning("ignoring the n-gram table of %s: %s", path, e)
+        return None
+    if table.max_token() >= vocab_size:
+        log.warning("ignoring the n-gram table of %s: it proposes tokens outside the vocabulary", path)
+        return None
+    log.info("n-gram table of %s: %d contexts, weight %.2f", path, len(table), table.weight)
+    return table

@@ -33,10 +33,17 @@ class TreeChoice:
     tokens_per_second: float
 
 
-def head_guesses(hidden: torch.Tensor, heads, lm_head, top_k: int) -> torch.Tensor:
-    """[T, num_heads, top_k] each head's top-k token ids at each row."""
+def head_guesses(
+    hidden: torch.Tensor, heads, lm_head, top_k: int, contexts: list[list[int]] | None = None
+) -> torch.Tensor:
+    """[T, num_heads, top_k] each head's top-k token ids at each row, as the server ranks them: reranked
+    by the heads' n-gram table when they carry one, with `contexts[t]` the tokens up to row t's root."""
     with torch.inference_mode():
-        return heads.logits(hidden, lm_head).topk(top_k, dim=-1).indices
+        logits = heads.logits(hidden, lm_head)
+        if heads.ngrams is None or contexts is None:
+            return logits.topk(top_k, dim=-1).indices
+        ranked = [heads.ngrams.rank(row, ctx, top_k) for row, ctx in zip(logits, contexts)]
+        return torch.tensor(ranked, dtype=torch.long).view(len(ranked), logits.shape[1], top_k)
 
 
 def head_accuracy(
@@ -192,7 +199,8 @@ def run_tune_tree(args) -> int:
     for i, prompt in enumerate(ids):
         answer = answers[i]
         hidden = answer_hidden_states(engine, prompt, answer)
-        guesses = head_guesses(hidden, spec.heads, model.lm_head, args.top_k + 1)
+        contexts = [prompt + answer[: t + 1] for t in range(hidden.shape[0])]  # row t's root: answer[t]
+        guesses = head_guesses(hidden, spec.heads, model.lm_head, args.top_k + 1, contexts)
         h = head_accuracy(hidden, answer, spec.heads, model.lm_head, args.top_k, guesses[..., : args.top_k])
         hits = h if hits is None else hits + h
         if branch:

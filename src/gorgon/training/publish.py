@@ -45,6 +45,7 @@ class TrainingSummary:
     head_decay: float
     eval_metrics: dict[str, float] = field(default_factory=dict)  # summarize()'s names, no eval_ prefix
     best_step: int | None = None
+    ngram_contexts: int | None = None  # contexts in gorgon_ngrams.safetensors, when written
 
 
 def _hub_id(name: str) -> str | None:
@@ -82,6 +83,17 @@ def model_card(s: TrainingSummary) -> str:
             "TGI load it from the hub as is."
         ),
         "",
+    ]
+    if s.ngram_contexts is not None:
+        lines += [
+            (
+                f"`gorgon_ngrams.safetensors` ({s.ngram_contexts} contexts): what the model wrote next after 1-3 "
+                "tokens in the training answers. Gorgon reranks the heads' drafts with it (it knows the token "
+                "the heads draft after); other servers ignore the file."
+            ),
+            "",
+        ]
+    lines += [
         "## Training data",
         "",
         f"- data: `{s.data_path}`",

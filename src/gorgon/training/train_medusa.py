@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback
 from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
 from gorgon.adapters.medusa_io import save_medusa_adapter
 from gorgon.kernels.linear import InvariantLinear
+from gorgon.speculative.ngram_table import NGRAM_FILE, NgramTable
 from gorgon.training.data import IGNORE_INDEX, load_message_lists_from, tokenize_conversations
 from gorgon.training.medusa_loss import HEAD_DECAY, head_targets, medusa_loss, summarize
 
@@ -141,6 +142,7 @@ class PreparedData:
     eval: HiddenStateDataset | None
     num_train_conversations: int
     num_eval_conversations: int
+    ngrams: NgramTable | None = None  # next-token counts of the training answers (drafting aid)
 
 
 def split_conversations(convs: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -166,8 +168,11 @@ def _model_key(ckpt) -> str:
     return h.hexdigest()
 
 
-def prepare_data(ckpt, base, data_args, max_length: int, seed: int) -> PreparedData:
-    """Tokenise, split, and run the base model once over train and validation conversations."""
+def prepare_data(
+    ckpt, base, data_args, max_length: int, seed: int, ngram_table: bool = False
+) -> PreparedData:
+    """Tokenise, split, and run the base model once over train and validation conversations (and count the
+    training answers' n-grams)."""
     from gorgon.training.features import cached_hidden_states
 
     convs = load_message_lists_from(data_args.data_path)
@@ -197,8 +202,17 @@ def prepare_data(ckpt, base, data_args, max_length: int, seed: int) -> PreparedD
         train.num_assistant_tokens,
         len(evals.items) if evals else 0,
     )
+    ngrams = None
+    if ngram_table:
+        items = train.items
+        ngrams = NgramTable.build([c.input_ids for c in items], [c.assistant_mask for c in items])
+        log.info("n-gram table of the training answers: %d contexts", len(ngrams))
     return PreparedData(
-        dataset(train), dataset(evals) if evals else None, len(train.items), len(evals.items) if evals else 0
+        dataset(train),
+        dataset(evals) if evals else None,
+        len(train.items),
+        len(evals.items) if evals else 0,
+        ngrams,
     )
 
 
@@ -238,7 +252,7 @@ def train_medusa(model_args, data_args, medusa_args, args) -> TrainResult:
         log.info("--lazy_preprocess: hidden states are computed once up front, so it changes nothing")
 
     base, feature_dtype = load_base_model(ckpt, model_args.feature_dtype, args.device)
-    data = prepare_data(ckpt, base, data_args, max_length, args.seed)
+    data = prepare_data(ckpt, base, data_args, max_length, args.seed, medusa_args.medusa_ngram_table)
     lm_head_weight = base.lm_head.weight.detach().to("cpu", copy=True)
     del base  # only its lm_head is needed from here on
 
@@ -312,9 +326,12 @@ def train_medusa(model_args, data_args, medusa_args, args) -> TrainResult:
         head_decay=medusa_args.medusa_head_decay,
         eval_metrics={k.removeprefix("eval_"): v for k, v in metrics.items()},
         best_step=best_step,
+        ngram_contexts=len(data.ngrams) if data.ngrams is not None else None,
     )
     if trainer.is_world_process_zero():
         save_medusa_adapter(heads, out_dir, base_name)
+        if data.ngrams is not None:
+            data.ngrams.save(out_dir / NGRAM_FILE)
         write_model_card(out_dir, summary)
         if push:
             push_adapter(out_dir, args.hub_model_id or out_dir.name, args.hub_token, args.hub_private_repo)

@@ -1,0 +1,210 @@
+"""What the model tends to write next, counted on its own answers: an n-gram table that sharpens the heads'
+drafts with the one token they cannot see.
+
+A Medusa head drafts from the hidden state of the last accepted row, so it guesses the token after the next
+one (the root of the next tree) without knowing the root. At drafting time the root is known: it was just
+sampled. The table holds, for every 1-3 token context seen at least `min_count` times in the self-distilled
+answers the heads were trained on, the likeliest next tokens and their log-frequencies. A draft is ranked by
+head log-probability + `weight` * table log-frequency (a product of experts; tokens the table never saw after
+this context get a floor). Measured on the embedded model (shipped general heads, a table from their training
+answers, other self-distilled answers): head 0's top-1 hit rate rose from 0.28 to 0.37 (the table alone: 0.28).
+
+Drafts never change outputs: the base model verifies them. The table only decides which tokens are worth a
+verification row. It is stored next to the heads (`gorgon_ngrams.safetensors`, ignored by other servers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+NGRAM_FILE = "gorgon_ngrams.safetensors"  # listed in medusa_io.GORGON_EXTRA_FILES
+FORMAT = "gorgon-ngrams-v1"
+TOKEN_BITS = 21  # up to 2M-token vocabularies; 3 tokens pack into one int64 key
+MAX_ORDER = 3
+FLOOR = math.log(1e-3)  # log-frequency of a token the table never saw after the context
+CANDIDATES = 16  # head guesses rescored along with the table's
+
+
+def pack(tokens: Sequence[int]) -> int:
+    key = 0
+    for t in tokens:
+        key = (key << TOKEN_BITS) | t
+    return key
+
+
+@dataclass
+class _Order:
+    keys: np.ndarray  # [C] int64, sorted: packed contexts
+    offsets: np.ndarray  # [C + 1] int64: context i's continuations are [offsets[i], offsets[i + 1])
+    tokens: np.ndarray  # [E] int32, most frequent first within a context
+    logprobs: np.ndarray  # [E] float16: log(count / context count)
+
+
+class NgramTable:
+    def __init__(self, orders: dict[int, _Order], weight: float = 0.75, min_count: int = 2) -> None:
+        self.orders = orders  # context length -> its table
+        self.weight = weight
+        self.min_count = min_count
+
+    @property
+    def max_order(self) -> int:
+        return max(self.orders, default=0)
+
+    def __len__(self) -> int:
+        return sum(len(o.keys) for o in self.orders.values())
+
+    def max_token(self) -> int:
+        """The largest token id the table can propose (-1 when empty): must be below the model's vocabulary."""
+        return max((int(o.tokens.max()) for o in self.orders.values() if len(o.tokens)), default=-1)
+
+    # --- building ---------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        sequences: Iterable[Sequence[int]],
+        masks: Iterable[Sequence[bool]] | None = None,
+        max_order: int = MAX_ORDER,
+        min_count: int = 2,
+        top: int = 8,
+        weight: float = 0.75,
+    ) -> NgramTable:
+        """Count next tokens after each 1..max_order token context, at positions whose token is masked in
+        (e.g. assistant tokens; every position without masks). Contexts seen fewer than `min_count` times
+        are dropped; each keeps its `top` likeliest continuations."""
+        if not 1 <= max_order <= MAX_ORDER:
+            raise ValueError(f"max_order must be 1..{MAX_ORDER}")
+        counts = {n: defaultdict(Counter) for n in range(1, max_order + 1)}
+        masks = iter(masks) if masks is not None else None
+        for seq in sequences:
+            seq = list(seq)
+            mask = next(masks) if masks is not None else None
+            if seq and max(seq) >= 1 << TOKEN_BITS:
+                raise ValueError(f"token ids must be below {1 << TOKEN_BITS}")
+            for i in range(1, len(seq)):
+                if mask is not None and not mask[i]:
+                    continue
+                for n in range(1, min(max_order, i) + 1):
+                    counts[n][pack(seq[i - n : i])][seq[i]] += 1
+        orders = {n: cls._freeze(c, min_count, top) for n, c in counts.items()}
+        return cls(orders, weight, min_count)
+
+    @staticmethod
+    def _freeze(counts: dict[int, Counter], min_count: int, top: int) -> _Order:
+        keys, offsets, tokens, logprobs = [], [0], [], []
+        for key in sorted(counts):
+            follow = counts[key]
+            total = sum(follow.values())
+            if total < min_count:
+                continue
+            keys.append(key)
+            for token, count in follow.most_common(top):
+                tokens.append(token)
+                logprobs.append(math.log(count / total))
+            offsets.append(len(tokens))
+        return _Order(
+            np.asarray(keys, dtype=np.int64),
+            np.asarray(offsets, dtype=np.int64),
+            np.asarray(tokens, dtype=np.int32),
+            np.asarray(logprobs, dtype=np.float16),
+        )
+
+    # --- files ------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for n, o in self.orders.items():
+            for name in ("keys", "offsets", "tokens", "logprobs"):
+                tensors[f"order{n}.{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(o, name)))
+        meta = {"format": FORMAT, "weight": repr(self.weight), "min_count": str(self.min_count)}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> NgramTable:
+        """Read a table; ValueError on anything that is not a well-formed one (adapter files are untrusted)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a Gorgon n-gram table ({FORMAT})")
+            names = set(f.keys())
+            orders = {}
+            for n in range(1, MAX_ORDER + 1):
+                if f"order{n}.keys" not in names:
+                    continue
+                parts = [
+                    f.get_tensor(f"order{n}.{x}").numpy() for x in ("keys", "offsets", "tokens", "logprobs")
+                ]
+                orders[n] = _Order(*parts)
+                _check(orders[n], path)
+            return cls(orders, float(meta.get("weight", 0.75)), int(meta.get("min_count", 2)))
+
+    # --- drafting ---------------------------------------------------------------------------------------
+    def lookup(self, context: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(tokens, log-frequencies) after the longest known suffix of `context`, or None."""
+        for n in range(min(self.max_order, len(context)), 0, -1):
+            order = self.orders.get(n)
+            if order is None or not len(order.keys):
+                continue
+            key = pack(context[-n:])
+            i = int(np.searchsorted(order.keys, key))
+            if i < len(order.keys) and order.keys[i] == key:
+                a, b = order.offsets[i], order.offsets[i + 1]
+                return order.tokens[a:b], order.logprobs[a:b]
+        return None
+
+    def rank(self, head_logits: torch.Tensor, context: Sequence[int], top_k: int) -> list[list[int]]:
+        """[depth, V] head logits -> each depth's `top_k` guesses ranked by head log-probability + weight *
+        table log-frequency. Depth d's context is `context` (ending with the tree's root) extended by the best
+        guesses of the depths before it."""
+        logprobs = head_logits.float().log_softmax(-1)
+        context = list(context)
+        out = []
+        for lp in logprobs:
+            found = self.lookup(context)
+            top = lp.topk(min(max(top_k, CANDIDATES), lp.shape[-1]))
+            if found is None:
+                ranked = top.indices[:top_k].tolist()
+            else:
+                bonus = self.weight * FLOOR
+                scores = {t: s + bonus for t, s in zip(top.indices.tolist(), top.values.tolist())}
+                tokens, table_lp = found
+                head_lp = lp[torch.from_numpy(tokens.astype(np.int64))].tolist()
+                for t, h, g in zip(tokens.tolist(), head_lp, table_lp.tolist()):
+                    scores[t] = h + self.weight * g
+                ranked = sorted(scores, key=scores.__getitem__, reverse=True)[:top_k]
+            out.append(ranked)
+            context.append(ranked[0])
+        return out
+
+
+def _check(order: _Order, path) -> None:
+    c, e = len(order.keys), len(order.tokens)
+    ok = (
+        order.keys.dtype == np.int64
+        and order.offsets.dtype == np.int64
+        and order.tokens.dtype == np.int32
+        and order.logprobs.dtype == np.float16
+        and order.keys.ndim == 1
+        and order.tokens.ndim == 1
+        and order.offsets.shape == (c + 1,)
+        and order.logprobs.shape == (e,)
+        and order.offsets[0] == 0
+        and order.offsets[-1] == e
+        and bool(np.all(np.diff(order.offsets) >= 0))
+        and bool(np.all(np.diff(order.keys) > 0))
+        and (e == 0 or (order.tokens.min() >= 0))
+    )
+    if not ok:
+        raise ValueError(f"{path}: malformed n-gram table")
