@@ -159,3 +159,29 @@ def test_medusa_loss_matches_the_reference_recipe(version, layers):
     assert out.stats.shape == (B, ml.NUM_STATS, K)
     # Per-sample counts: sample 2 has labels at 0..8, so head k has 9-2-k targets.
     assert out.stats[2, ml.STAT_COUNT].tolist() == [7, 6, 5]
+
+
+def test_ngram_table_of_a_dataset_counts_assistant_tokens_only(tmp_path, tiny_tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from gorgon.models import loader
+    from gorgon.speculative.ngram_table import NGRAM_FILE, NgramTable
+    from gorgon.training import ngrams
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([CONV] * 2))
+    table = ngrams.build_table(tiny_tokenizer, str(path), max_length=1000)
+    data = tokenize_conversations(tiny_tokenizer, [CONV], max_length=1000).items[0]
+    first = data.assistant_mask.index(True)
+    # The first answer token follows the prompt's last tokens; no prompt-only token is ever a continuation.
+    assert data.input_ids[first] in table.lookup(list(data.input_ids[:first]))[0].tolist()
+    prompt_only = set(data.input_ids[:first]) - set(data.input_ids[first:])
+    assert not any(set(o.tokens.tolist()) & prompt_only for o in table.orders.values())
+    # The command writes the table into an adapter directory.
+    out = tmp_path / "adapter"
+    out.mkdir()
+    monkeypatch.setattr(
+        loader, "resolve_checkpoint", lambda model_id: SimpleNamespace(tokenizer=tiny_tokenizer)
+    )
+    ngrams.main(["--data_path", str(path), "--output_dir", str(out), "--min_count", "1"])
+    assert len(NgramTable.load(out / NGRAM_FILE)) >= len(table) > 0

@@ -26,6 +26,7 @@ from gorgon.kernels.linear import InvariantLinear
 from gorgon.speculative.ngram_table import NGRAM_FILE, NgramTable
 from gorgon.training.data import IGNORE_INDEX, load_message_lists_from, tokenize_conversations
 from gorgon.training.medusa_loss import HEAD_DECAY, head_targets, medusa_loss, summarize
+from gorgon.training.ngrams import table_of
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,7 @@ def prepare_data(
     )
     ngrams = None
     if ngram_table:
-        items = train.items
-        ngrams = NgramTable.build([c.input_ids for c in items], [c.assistant_mask for c in items])
+        ngrams = table_of(train)
         log.info("n-gram table of the training answers: %d contexts", len(ngrams))
     return PreparedData(
         dataset(train),
