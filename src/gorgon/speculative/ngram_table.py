@@ -168,10 +168,11 @@ class NgramTable:
         """[depth, V] head logits -> each depth's `top_k` guesses ranked by head log-probability + weight *
         table log-frequency. Depth d's context is `context` (ending with the tree's root) extended by the best
         guesses of the depths before it."""
-        logprobs = head_logits.float().log_softmax(-1)
+        # Within a depth, head log-probabilities are the logits shifted by one constant (the log-sum-exp):
+        # the raw logits rank the same and spare a pass over the vocabulary.
         context = list(context)
         out = []
-        for lp in logprobs:
+        for lp in head_logits.float():
             found = self.lookup(context)
             top = lp.topk(min(max(top_k, CANDIDATES), lp.shape[-1]))
             if found is None:
