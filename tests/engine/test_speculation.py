@@ -194,15 +194,24 @@ def test_step_times_means_and_exploration():
     assert times.seconds(4, True) is None  # one step is not trusted yet
     times.record(4, True, 0.020)
     assert times.seconds(4, True) == pytest.approx(0.015)  # moving mean, newest weighted alpha
-    # The other mode has no trusted mean: after `burst` decisions it is run for `burst` decisions.
-    assert [times.decide(4, True) for _ in range(2)] == [True, False]
+    # A close call (gain 1.1) and the other mode has no trusted mean: after `burst` decisions it is run for
+    # `burst` decisions.
+    assert [times.decide(4, 1.1) for _ in range(2)] == [True, False]
     times.record(4, False, 0.01)
     times.record(4, False, 0.01)
-    assert times.decide(4, True) is False  # the burst's end
+    assert times.decide(4, 1.1) is False  # the burst's end
     # Both known: the preferred mode, except a burst of the other one every `explore_every` decisions.
-    decisions = [times.decide(4, True) for _ in range(40)]
+    decisions = [times.decide(4, 1.1) for _ in range(40)]
     assert decisions.count(False) == 8 and decisions[:8] == [True] * 8
-    assert times.decide(5, False) is False  # loads are separate
+    assert times.decide(5, 0.9) is False  # loads are separate
+    # A clear verdict (drafts halve throughput): the untrusted mode waits `explore_every` decisions...
+    decisions = [times.decide(6, 0.5) for _ in range(19)]
+    assert [i for i, d in enumerate(decisions) if d] == [9, 10]
+    times.record(6, True, 0.02)
+    times.record(6, True, 0.02)
+    # ...and once measured, a burst comes only every 4 x explore_every decisions.
+    decisions = [times.decide(6, 0.5) for _ in range(81)]
+    assert [i for i, d in enumerate(decisions) if d] == [30, 31, 70, 71]
 
 
 def test_policy_trusts_measured_step_times_over_the_start_up_table():
@@ -236,7 +245,7 @@ def test_engine_times_its_steps_and_stops_speculating_when_drafts_cost_more(
     plain = run(engine(hf_model, tiny_tokenizer, torch.float32), reqs)
     futures = {tuple(p): [t.id for t in f.tokens] for p, f in zip(ps, plain)}
     spec = OracleSpeculator(CandidateTree.load("chain-2"), futures, wrong=0.5)  # ~1.7 tokens per step
-    spec.times = StepTimes(explore_every=1000)
+    spec.times = StepTimes(explore_every=8)
     config = EngineConfig(max_input_length=200, max_total_tokens=400, max_batch_total_tokens=6000)
     model = gorgon_from_hf(hf_model, torch.float32)
     eng = LLMEngine(model, tiny_tokenizer, config, torch.float32, torch.device("cpu"), {1}, spec)

@@ -114,13 +114,13 @@ class Speculator:
         tokens = self.expected_tokens()
         on, off = self.times.seconds(decoding, True), self.times.seconds(decoding, False)
         if on is not None and off is not None:
-            pays = tokens * off > on
+            gain = tokens * off / on
         elif self.cost is not None:
             rows = decoding * (1 + self.tree.size)
-            pays = tokens * self.cost.seconds(decoding) > self.cost.seconds(rows)
+            gain = tokens * self.cost.seconds(decoding) / self.cost.seconds(rows)
         else:
-            pays = True
-        return self.times.decide(decoding, pays)
+            gain = tokens  # no timing at all: drafts are taken to cost nothing
+        return self.times.decide(decoding, gain)
 
     def expected_tokens(self) -> float:
         """Tokens per sequence-step with drafts: measured once enough steps were verified, else a prior."""

@@ -22,11 +22,19 @@ class _Mean:
 class StepTimes:
     """Exponential moving means of step seconds keyed by (decoding sequences, speculated)."""
 
-    def __init__(self, alpha: float = 0.2, min_samples: int = 3, explore_every: int = 64, burst: int = 3):
+    def __init__(
+        self,
+        alpha: float = 0.2,
+        min_samples: int = 3,
+        explore_every: int = 64,
+        burst: int = 3,
+        clear_margin: float = 1.25,
+    ):
         self.alpha = alpha  # weight of the newest step: a load's cost drifts as contexts grow
         self.min_samples = min_samples  # before this many, a mean is not trusted
         self.explore_every = explore_every  # decisions at one load between re-measurements of the other mode
         self.burst = burst  # decisions one re-measurement takes (the first step after a switch is atypical)
+        self.clear_margin = clear_margin  # a throughput ratio beyond this (or its inverse) is a clear verdict
         self._means: dict[tuple[int, bool], _Mean] = {}
         self._since: dict[int, int] = {}  # decisions at this load since the last exploration burst began
         self._exploring: dict[int, tuple[bool, int]] = {}  # load -> (mode explored, decisions left)
@@ -44,9 +52,13 @@ class StepTimes:
         mean = self._means.get((decoding, speculated))
         return mean.seconds if mean is not None and mean.count >= self.min_samples else None
 
-    def decide(self, decoding: int, preferred: bool) -> bool:
-        """The mode to run at this load given the policy's `preferred` one: that, except during a short burst
-        of the other mode every `explore_every` decisions (or until the other mode has a trusted mean)."""
+    def decide(self, decoding: int, gain: float) -> bool:
+        """Whether to speculate at this load, given the policy's estimate of what drafts `gain` (throughput
+        with / without them): yes when gain > 1, except during a short burst of the other choice now and
+        then. A close call (gain within `clear_margin` of 1) measures the other choice at once while it has
+        no trusted mean, then every `explore_every` decisions; a clear one waits `explore_every` decisions
+        for a first measurement (a load that passes quickly never pays for one), then 4 x as long."""
+        preferred = gain > 1.0
         since = self._since.get(decoding, 0) + 1
         mode, left = self._exploring.get(decoding, (preferred, 0))
         if left > 0:
@@ -54,8 +66,12 @@ class StepTimes:
             self._since[decoding] = since
             return mode
         other = not preferred
-        untrusted = self.seconds(decoding, other) is None
-        if since >= self.explore_every or (untrusted and since >= self.burst and self._known(decoding)):
+        close = 1 / self.clear_margin < gain < self.clear_margin
+        if self.seconds(decoding, other) is None:
+            every = self.burst if close and self._known(decoding) else self.explore_every
+        else:
+            every = self.explore_every if close else 4 * self.explore_every
+        if since >= every:
             self._since[decoding] = 0
             self._exploring[decoding] = (other, self.burst - 1)
             return other
