@@ -333,6 +333,7 @@ def test_ngram_branch_fills_its_nodes_and_stays_exact(hf_model, tiny_tokenizer):
     from types import SimpleNamespace
 
     logits = torch.randn(3, 320)
+    logits[0, 7] = -100.0  # not a first-level guess (see the duplicate case below)
     repeat = SimpleNamespace(
         token_ids=[5, 6, 7, 8, 9, 5, 6], medusa=None
     )  # "5 6" occurred before, followed by 7 8 9
@@ -343,6 +344,9 @@ def test_ngram_branch_fills_its_nodes_and_stays_exact(hf_model, tiny_tokenizer):
     )  # no match: the branch keeps the heads' rank-3 guesses
     guesses = logits.topk(4, dim=-1).indices
     assert [spec.tree_from_logits(logits, fresh)[i] for i in spec.ngram_nodes] == guesses[:, 3].tolist()
+    logits[0, 7] = 100.0  # head 0's top guess is the lookup's 7: a second row for it would be wasted
+    guesses = logits.topk(4, dim=-1).indices
+    assert [spec.tree_from_logits(logits, repeat)[i] for i in spec.ngram_nodes] == guesses[:, 3].tolist()
 
     # Repetitive prompts, so the branch matches; outputs equal plain decoding.
     ps = [[5, 6, 7, 8, 9] * 6, [40, 41, 42] * 10]

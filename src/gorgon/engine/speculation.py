@@ -144,11 +144,18 @@ class Speculator:
 
     def _fill_ngram_branch(self, nodes: list[int], seq) -> list[int]:
         """The n-gram branch's nodes take what followed the last earlier occurrence of the sequence's last
-        tokens (prompt lookup); without a match they keep their Medusa guesses (the next top-k rank)."""
+        tokens (prompt lookup); without a match, or when its first token is already a first-level node
+        (a row spent twice on one token), they keep their Medusa guesses (the next top-k rank)."""
         if self.ngram_nodes and seq is not None:
             follow = lookup(seq.token_ids, len(self.ngram_nodes), self.max_ngram)
-            for node, token in zip(self.ngram_nodes, follow):
-                nodes[node] = token
+            first_level = {
+                nodes[i]
+                for i, path in enumerate(self.tree.paths)
+                if len(path) == 1 and i not in self.ngram_nodes
+            }
+            if follow and follow[0] not in first_level:
+                for node, token in zip(self.ngram_nodes, follow):
+                    nodes[node] = token
         return nodes
 
     @torch.inference_mode()

@@ -87,8 +87,9 @@ def ngram_hits(
     prompt: list[int], answer: list[int], guesses0: torch.Tensor, max_ngram: int = 3
 ) -> torch.Tensor:
     """Hits [top_k]: at each answer position, whether the n-gram node would add an accepted token to a tree
-    whose first level holds head 0's top-R guesses (R = 1..top_k): its lookup token (or, without a match,
-    head 0's rank-R guess) is the token that came next and is not already among those R guesses.
+    whose first level holds head 0's top-R guesses (R = 1..top_k): its lookup token (or, without a match or
+    when that token is already one of the R guesses, head 0's rank-R guess) is the token that came next and
+    is not already among those R guesses.
     `guesses0` [T, top_k + 1] are head 0's guesses at answer rows (row t guesses answer[t + 1])."""
     from gorgon.engine.speculation import lookup
 
@@ -100,7 +101,7 @@ def ngram_hits(
         follow = lookup(tokens, 1, max_ngram)
         ranked = guesses0[t].tolist()
         for r in range(1, top_k + 1):
-            token = follow[0] if follow else ranked[r]
+            token = follow[0] if follow and follow[0] not in ranked[:r] else ranked[r]
             if token == target and target not in ranked[:r]:
                 hits[r - 1] += 1
         tokens.append(target)
