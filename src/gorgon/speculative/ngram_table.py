@@ -170,16 +170,18 @@ class NgramTable:
         guesses of the depths before it."""
         # Within a depth, head log-probabilities are the logits shifted by one constant (the log-sum-exp):
         # the raw logits rank the same and spare a pass over the vocabulary.
+        logits = head_logits.float()
+        top = logits.topk(min(max(top_k, CANDIDATES), logits.shape[-1]), dim=-1)  # one call for all depths
+        top_ids, top_values = top.indices.tolist(), top.values.tolist()
         context = list(context)
         out = []
-        for lp in head_logits.float():
+        for lp, ids, values in zip(logits, top_ids, top_values):
             found = self.lookup(context)
-            top = lp.topk(min(max(top_k, CANDIDATES), lp.shape[-1]))
             if found is None:
-                ranked = top.indices[:top_k].tolist()
+                ranked = ids[:top_k]
             else:
                 bonus = self.weight * FLOOR
-                scores = {t: s + bonus for t, s in zip(top.indices.tolist(), top.values.tolist())}
+                scores = {t: s + bonus for t, s in zip(ids, values)}
                 tokens, table_lp = found
                 head_lp = lp[torch.from_numpy(tokens.astype(np.int64))].tolist()
                 for t, h, g in zip(tokens.tolist(), head_lp, table_lp.tolist()):
