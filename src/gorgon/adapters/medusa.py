@@ -100,9 +100,8 @@ class MedusaHeads(nn.Module):
                 f"num_layers={config.num_layers}; train v1 heads for deeper stacks."
             )
         self.config = config
-        self.ngrams = (
-            None  # the adapter's n-gram table when it ships one: it reranks drafts (see ngram_table)
-        )
+        # The adapter's n-gram table when it ships one: it reranks drafts (see speculative/ngram_table).
+        self.ngrams = None
         k, h, v = config.num_heads, config.hidden_size, config.vocab_size
         if config.has_own_lm_heads:
             # Distinct modules per layer: the reference's `[ResBlock(H)] * n` shares one (a known bug).

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+from gorgon.speculative.ngram_table import NGRAM_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def parse_version(value: Any) -> int:
 
 
 # Files Gorgon keeps next to the heads (drafting aids other servers ignore): never read as weights.
-GORGON_EXTRA_FILES = ("gorgon_ngrams.safetensors",)
+GORGON_EXTRA_FILES = (NGRAM_FILE,)
 
 
 def medusa_weight_files(path: Path) -> list[Path]:

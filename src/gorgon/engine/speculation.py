@@ -3,6 +3,7 @@ speculates, and the counters behind the speculation metrics."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -142,18 +143,19 @@ class Speculator:
             return table.rank(logits, seq.token_ids, self.tree.top_k)
         return logits.topk(self.tree.top_k, dim=-1).indices.tolist()
 
+    @functools.cached_property
+    def _first_level_nodes(self) -> tuple[int, ...]:
+        """The tree's first-level nodes other than the n-gram branch's (fixed with the tree)."""
+        paths = self.tree.paths
+        return tuple(i for i, p in enumerate(paths) if len(p) == 1 and i not in self.ngram_nodes)
+
     def _fill_ngram_branch(self, nodes: list[int], seq) -> list[int]:
         """The n-gram branch's nodes take what followed the last earlier occurrence of the sequence's last
         tokens (prompt lookup); without a match, or when its first token is already a first-level node
         (a row spent twice on one token), they keep their Medusa guesses (the next top-k rank)."""
         if self.ngram_nodes and seq is not None:
             follow = lookup(seq.token_ids, len(self.ngram_nodes), self.max_ngram)
-            first_level = {
-                nodes[i]
-                for i, path in enumerate(self.tree.paths)
-                if len(path) == 1 and i not in self.ngram_nodes
-            }
-            if follow and follow[0] not in first_level:
+            if follow and follow[0] not in {nodes[i] for i in self._first_level_nodes}:
                 for node, token in zip(self.ngram_nodes, follow):
                     nodes[node] = token
         return nodes

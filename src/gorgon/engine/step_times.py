@@ -68,7 +68,8 @@ class StepTimes:
         other = not preferred
         close = 1 / self.clear_margin < gain < self.clear_margin
         if self.seconds(decoding, other) is None:
-            every = self.burst if close and self._known(decoding) else self.explore_every
+            trusted = self.seconds(decoding, preferred) is not None  # measure the other once this one is
+            every = self.burst if close and trusted else self.explore_every
         else:
             every = self.explore_every if close else 4 * self.explore_every
         if since >= every:
@@ -77,7 +78,3 @@ class StepTimes:
             return other
         self._since[decoding] = since
         return preferred
-
-    def _known(self, decoding: int) -> bool:
-        """Whether the preferred mode already has a trusted mean (explore only once it does)."""
-        return any(self.seconds(decoding, mode) is not None for mode in (False, True))

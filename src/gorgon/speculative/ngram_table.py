@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-NGRAM_FILE = "gorgon_ngrams.safetensors"  # listed in medusa_io.GORGON_EXTRA_FILES
+NGRAM_FILE = "gorgon_ngrams.safetensors"
 FORMAT = "gorgon-ngrams-v1"
 TOKEN_BITS = 21  # up to 2M-token vocabularies; 3 tokens pack into one int64 key
 MAX_ORDER = 3

@@ -33,6 +33,7 @@ def build_table(tokenizer, data_path: str, max_length: int, **kwargs) -> NgramTa
 
 def main(argv: list[str] | None = None) -> None:
     from gorgon.models.loader import resolve_checkpoint
+    from gorgon.train import ModelArguments
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_name_or_path", default="embedded", help="the base model (its tokenizer)")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weight", type=float, default=0.75, help="the table's weight against the heads'")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_id = None if args.model_name_or_path in ("", "embedded") else args.model_name_or_path
+    model_id = ModelArguments(model_name_or_path=args.model_name_or_path).model_id
     tokenizer = resolve_checkpoint(model_id).tokenizer
     table = build_table(
         tokenizer, args.data_path, args.model_max_length, min_count=args.min_count, weight=args.weight
