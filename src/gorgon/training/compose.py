@@ -1,8 +1,8 @@
 """Chat requests composed from human-written templates: `python -m gorgon.training.compose OUT.json --n N`.
 
 A 135M model asked to write user requests (Magpie, `gorgon distill --synthesize`) writes odd ones, and heads
-trained on the answers to odd requests learn an odd style: measured on the embedded model, head 0 accepted
-0.36 of its drafts on held-out synthesised requests but 0.20-0.24 on ordinary chat requests. These templates
+trained on the answers to odd requests learn an odd style: measured on the embedded model in sessions 2-3
+(tune-tree and a one-off script), head 0 accepted 0.36 of its drafts on held-out synthesised requests but 0.20-0.24 on ordinary chat requests. These templates
 are everyday requests of the kinds people send a chat assistant (explain, write, advise, compare, plan,
 compute, code...), with slots filled at random, so the model answers the requests it will really be sent.
 
