@@ -231,6 +231,35 @@ def test_policy_trusts_measured_step_times_over_the_start_up_table():
     assert spec.should_speculate(2) and spec.should_speculate(1)
 
 
+def test_unmeasured_loads_borrow_the_nearest_measured_ratio():
+    """A load not timed yet takes its nearest timed load's ratio, scaled as the start-up table scales it:
+    with 4 sequences, steps with drafts measure 2.0x a plain step where the table said 1.6x, so 3 sequences
+    (table: 1.4x, which 1.65 tokens per step would pay for) start without drafts instead of first paying for
+    the table's optimism; 1 sequence, far cheaper by the table, still speculates."""
+    from gorgon.engine.speculation import StepCost
+
+    spec = OracleSpeculator(CandidateTree.load("chain-3"), {}, 0.0)  # 4 rows per sequence-step with drafts
+    # The start-up table the embedded model logged on this CPU (rows -> seconds).
+    spec.cost = StepCost((1, 4, 8, 16, 32), (0.0139, 0.0147, 0.0169, 0.0235, 0.0400))
+    spec.stats.verified_sequences, spec.stats.emitted_tokens = 100, 165  # 1.65 tokens per step
+    spec.times = StepTimes(explore_every=1000)
+    assert spec.step_ratio(3) == pytest.approx(spec._table_ratio(3)) == pytest.approx(1.40, abs=0.01)
+    assert spec.should_speculate(3)  # nothing measured yet: the table's word
+    for _ in range(3):
+        spec.times.record(4, True, 0.030)
+        spec.times.record(4, False, 0.015)
+    assert spec.times.nearest_ratio(3) == (4, pytest.approx(2.0))
+    assert spec.step_ratio(3) == pytest.approx(2.0 * spec._table_ratio(3) / spec._table_ratio(4))
+    assert sum(spec.should_speculate(3) for _ in range(50)) < 5  # off, bar a short measuring burst
+    assert spec.step_ratio(1) < 1.65 / 1.2 and all(spec.should_speculate(1) for _ in range(20))
+    assert spec.times.nearest_ratio(6) == (4, pytest.approx(2.0))
+    for _ in range(3):  # a nearer measured load wins; a tie goes to the lighter load
+        spec.times.record(8, True, 0.060)
+        spec.times.record(8, False, 0.020)
+    assert spec.times.nearest_ratio(7) == (8, pytest.approx(3.0))
+    assert spec.times.nearest_ratio(6) == (4, pytest.approx(2.0))
+
+
 def test_engine_times_its_steps_and_stops_speculating_when_drafts_cost_more(
     hf_model, tiny_tokenizer, monkeypatch
 ):

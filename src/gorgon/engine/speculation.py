@@ -107,21 +107,31 @@ class Speculator:
 
         Speculation pays when the tokens it emits per sequence-step (measured, `expected_tokens`) outweigh
         what its step costs over a plain one: measured on this engine's own steps at this load once both
-        kinds were timed (`times`), else estimated from the start-up table (`cost`). Past `max_batch_size`
-        it is off.
+        kinds were timed (`times`), else estimated from neighbouring loads and the start-up table (`cost`,
+        `step_ratio`). Past `max_batch_size` it is off.
         """
         if not 0 < decoding <= self.max_batch_size:
             return False
-        tokens = self.expected_tokens()
+        return self.times.decide(decoding, self.expected_tokens() / self.step_ratio(decoding))
+
+    def step_ratio(self, decoding: int) -> float:
+        """Estimated time of a step with drafts over one without, at this load: measured here when both were
+        timed; else the nearest measured load's ratio, carried over by how the start-up table says the
+        ratio changes between the two loads (the table alone misses the heads, sampling and drafting);
+        else the table's; else 1 (no timing at all: drafts are taken to cost nothing)."""
         on, off = self.times.seconds(decoding, True), self.times.seconds(decoding, False)
         if on is not None and off is not None:
-            gain = tokens * off / on
-        elif self.cost is not None:
-            rows = decoding * (1 + self.tree.size)
-            gain = tokens * self.cost.seconds(decoding) / self.cost.seconds(rows)
-        else:
-            gain = tokens  # no timing at all: drafts are taken to cost nothing
-        return self.times.decide(decoding, gain)
+            return on / off
+        near = self.times.nearest_ratio(decoding)
+        if near is not None:
+            load, ratio = near
+            return ratio * self._table_ratio(decoding) / self._table_ratio(load)
+        return self._table_ratio(decoding)
+
+    def _table_ratio(self, decoding: int) -> float:
+        if self.cost is None:
+            return 1.0
+        return self.cost.seconds(decoding * (1 + self.tree.size)) / self.cost.seconds(decoding)
 
     def expected_tokens(self) -> float:
         """Tokens per sequence-step with drafts: measured once enough steps were verified, else a prior."""

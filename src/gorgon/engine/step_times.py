@@ -5,7 +5,9 @@ The start-up table (`StepCost`) times bare forward passes; a real step also pays
 adapters, longer contexts, sampling and acceptance. So the engine times every pure decode step and keeps,
 per number of decoding sequences, a running mean of the steps with drafts and of those without. The policy
 compares them once both exist and, now and then, runs a few steps of the choice it is not making, so that
-a mean it has stopped refreshing cannot keep a stale verdict forever.
+a mean it has stopped refreshing cannot keep a stale verdict forever. A load not measured yet borrows the
+nearest measured load's ratio (`nearest_ratio`): loads pass quickly as requests come and go, and each one
+measured from scratch would pay for the wrong choice a few steps at a time.
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ class StepTimes:
         """The mean step time at this load and mode, or None while it rests on too few steps."""
         mean = self._means.get((decoding, speculated))
         return mean.seconds if mean is not None and mean.count >= self.min_samples else None
+
+    def nearest_ratio(self, decoding: int) -> tuple[int, float] | None:
+        """(load, step time with drafts / without) at the nearest load where both are trusted (the lighter
+        one on a tie), or None while there is none: what neighbouring loads say about an unmeasured one."""
+        loads = {d for d, _ in self._means}
+        measured = [d for d in loads if self.seconds(d, True) is not None and self.seconds(d, False) is not None]
+        if not measured:
+            return None
+        load = min(measured, key=lambda d: (abs(d - decoding), d))
+        return load, self.seconds(load, True) / self.seconds(load, False)
 
     def decide(self, decoding: int, gain: float) -> bool:
         """Whether to speculate at this load, given the policy's estimate of what drafts `gain` (throughput
