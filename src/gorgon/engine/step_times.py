@@ -58,7 +58,9 @@ class StepTimes:
         """(load, step time with drafts / without) at the nearest load where both are trusted (the lighter
         one on a tie), or None while there is none: what neighbouring loads say about an unmeasured one."""
         loads = {d for d, _ in self._means}
-        measured = [d for d in loads if self.seconds(d, True) is not None and self.seconds(d, False) is not None]
+        measured = [
+            d for d in loads if self.seconds(d, True) is not None and self.seconds(d, False) is not None
+        ]
         if not measured:
             return None
         load = min(measured, key=lambda d: (abs(d - decoding), d))
