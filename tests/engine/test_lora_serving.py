@@ -187,10 +187,13 @@ def test_bf16_lora_tokens_independent_of_batch_and_speculation(served):
     assert all(r == results[0] for r in results), results
 
 
-def test_lm_head_lora_shapes_the_speculative_logits(tmp_path):
-    """v2 heads' logits ride in the step's lm_head call: a request's LoRA on lm_head applies to them too."""
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_lm_head_lora_shapes_the_speculative_logits(tmp_path, draft_vocab):
+    """v2 heads' logits ride in the step's lm_head call: a request's LoRA on lm_head applies to them too.
+    Heads with a drafting vocabulary draft from its columns alone, except under such a LoRA."""
     from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
     from gorgon.kernels.lora import lora_apply_reference
+    from gorgon.speculative.draft_vocab import DraftVocab
     from gorgon.speculative.tree import CandidateTree
 
     hf = tiny_hf_model("llama")
@@ -199,6 +202,8 @@ def test_lm_head_lora_shapes_the_speculative_logits(tmp_path):
     lora = load_lora_adapter(tmp_path / "lm", model.config, dtype=torch.float32, device=CPU)
     torch.manual_seed(0)
     heads = MedusaHeads(MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=64, vocab_size=320))
+    if draft_vocab:
+        heads.draft_vocab = DraftVocab(range(3, 320, 7), vocab_size=320)
     cache = KVCache(model.config, 512, torch.float32, CPU)
     runner = ModelRunner(model, cache, torch.float32, CPU, tree=CandidateTree.from_paths([(0,), (0, 0)]))
     alloc = SlotAllocator(512)
@@ -215,9 +220,12 @@ def test_lm_head_lora_shapes_the_speculative_logits(tmp_path):
         rows = torch.zeros(2, dtype=torch.long)
         want = lora_apply_reference(lora_states, without, rows, [w.a], [w.b_t], [w.scale])
         plain = model.lm_head(plain_states)
-    torch.testing.assert_close(out.draft_logits[1][0], plain.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.draft_logits[0][0], want.float(), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(out.draft_logits[0][0], without.float(), atol=1e-3)
+    if draft_vocab:
+        assert out.draft_logits[1].vocab is heads.draft_vocab and out.draft_logits[0].vocab is None
+        plain = plain[:, heads.draft_vocab.ids]
+    torch.testing.assert_close(out.draft_logits[1].logits[0], plain.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.draft_logits[0].logits[0], want.float(), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out.draft_logits[0].logits[0], without.float(), atol=1e-3)
 
 
 def test_lora_with_its_own_medusa_heads(served, tmp_path):

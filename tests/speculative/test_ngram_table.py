@@ -99,6 +99,7 @@ def test_tune_tree_ranks_guesses_as_the_server_does():
 
     class Heads:
         ngrams = table
+        draft_vocab = None
 
         def logits(self, hidden, lm_head):
             return logits

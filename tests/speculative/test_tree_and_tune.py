@@ -116,7 +116,7 @@ def test_ngram_hits_count_only_new_tokens():
 
 def test_head_accuracy_counts_hits_by_rank():
     class Heads:
-        ngrams = None
+        ngrams = draft_vocab = None
 
         class config:
             num_heads = 2
@@ -136,14 +136,27 @@ def test_head_accuracy_counts_hits_by_rank():
     assert hits[0, 0] == 9 and hits[1, 0] == 8 and hits[:, 1].sum() == 0
 
 
-def test_tune_tree_cli_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("table", [False, True])
+def test_tune_tree_cli_end_to_end(tmp_path, capsys, monkeypatch, table):
+    """With an n-gram table in the adapter, guesses come from its drafting vocabulary and the step cost
+    is timed through that vocabulary's projection, as the server drafts."""
     from helpers import make_medusa_adapter, save_tiny_checkpoint
 
     from gorgon.cli import main
+    from gorgon.speculative.draft_vocab import DraftVocab
+    from gorgon.speculative.ngram_table import NGRAM_FILE, NgramTable
+
+    calls = []
+    projection = DraftVocab.logits
+    monkeypatch.setattr(
+        DraftVocab, "logits", lambda self, *a: calls.append(len(self)) or projection(self, *a)
+    )
 
     model_dir = tmp_path / "model"
     save_tiny_checkpoint(model_dir)
     make_medusa_adapter(tmp_path, "adapter", heads=2)
+    if table:
+        NgramTable.build([list(range(3, 40))] * 2).save(tmp_path / "adapter" / NGRAM_FILE)
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["Hello there", "The sky is blue", "Once upon a time"]))
     argv = [
@@ -160,3 +173,4 @@ def test_tune_tree_cli_end_to_end(tmp_path, capsys):
     tree = json.loads((tmp_path / "adapter" / "gorgon_tree.json").read_text())
     assert 1 <= len(tree) <= 4 and CandidateTree.from_paths(tree).depth <= 2
     assert "<- chosen" in capsys.readouterr().out
+    assert bool(calls) == table and all(n == 37 for n in calls)  # tokens 3..39

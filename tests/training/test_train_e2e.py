@@ -165,6 +165,7 @@ def test_trained_heads_speed_up_serving_without_changing_outputs(word_model_dir,
     for name, adapter in adapters.items():
         eng, spec = engine(adapter)
         assert (spec.heads.ngrams is None) == (name == "untrained")
+        assert (spec.heads.draft_vocab is None) == (name == "untrained")  # drafts from the table's tokens
         assert _generate(eng, prompts) == plain
         assert _generate(eng, unseen) == plain_unseen
         tokens_per_step[name] = spec.stats.mean_tokens_per_step

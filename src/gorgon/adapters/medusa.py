@@ -102,6 +102,9 @@ class MedusaHeads(nn.Module):
         self.config = config
         # The adapter's n-gram table when it ships one: it reranks drafts (see speculative/ngram_table).
         self.ngrams = None
+        # With a table, v2 heads draft from its tokens only, through a copy of those lm_head rows (serving
+        # only; see speculative/draft_vocab).
+        self.draft_vocab = None
         k, h, v = config.num_heads, config.hidden_size, config.vocab_size
         if config.has_own_lm_heads:
             # Distinct modules per layer: the reference's `[ResBlock(H)] * n` shares one (a known bug).

@@ -290,9 +290,10 @@ class LLMEngine:
                 break
         if not speculate or seq.seq_id not in self._live:
             return None
-        if draft_logits is not None:  # the heads' logits came with this step's lm_head call
+        if draft_logits is not None:  # the heads' logits came with this step's model call
+            row = emit_rows[-1] if chunk.draft else 0
             seq.next_draft = self.speculator.tree_from_logits(
-                draft_logits[emit_rows[-1] if chunk.draft else 0], seq
+                draft_logits.logits[row], seq, draft_logits.vocab
             )
             return None
         return hidden[-n:][emit_rows[-1]]

@@ -13,6 +13,7 @@ from gorgon.models.attention import AttentionMetadata
 from gorgon.models.attention import kernel_available as attention_kernel_available
 from gorgon.models.llama import LlamaModel
 from gorgon.models.lora_batch import LoraBatch
+from gorgon.speculative.draft_vocab import DraftVocab
 from gorgon.speculative.tree import CandidateTree
 
 
@@ -21,11 +22,16 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 @dataclass
+class DraftLogits:
+    logits: torch.Tensor  # [rows it may draft from, depth, V] float32 speculative logits
+    vocab: DraftVocab | None = None  # V = its tokens when given, else the whole vocabulary
+
+
+@dataclass
 class StepOutput:
     logits: list[torch.Tensor]  # per chunk, [rows, vocab] float32
     hidden: list[torch.Tensor]  # per chunk, the same rows' final hidden states (what feeds lm_head)
-    # per chunk with draft heads: [rows it may draft from, depth, vocab] speculative logits, else None
-    draft_logits: list[torch.Tensor | None] | None = None
+    draft_logits: list[DraftLogits | None] | None = None  # per chunk with draft heads, else None
 
 
 class ModelRunner:
@@ -97,7 +103,8 @@ class ModelRunner:
         n_logits = len(flat_rows)
         selected = hidden[torch.tensor(flat_rows, device=dev)]
         sizes = [len(r) for r in logit_rows]
-        head_rows, spans = self._draft_head_rows(plan, selected, sizes)
+        draft_logits: list[DraftLogits | None] = [None] * len(plan.chunks)
+        head_rows, spans = self._draft_head_rows(plan, selected, sizes, draft_logits)
         lm_input = torch.cat([selected, *head_rows]) if head_rows else selected
         total_rows = lm_input.shape[0]
         pad_rows = _round_up(total_rows, self.rows) - total_rows
@@ -108,9 +115,8 @@ class ModelRunner:
             head_adapters += [plan.chunks[i].seq.lora for i, _, r, d in spans for _ in range(r * d)]
             lora.set_head_rows(head_adapters + [None] * pad_rows)
         all_logits = self.model.logits(lm_input, lora)
-        draft_logits: list[torch.Tensor | None] = [None] * len(plan.chunks)
         for index, start, rows, depth in spans:
-            draft_logits[index] = all_logits[start : start + rows * depth].view(rows, depth, -1)
+            draft_logits[index] = DraftLogits(all_logits[start : start + rows * depth].view(rows, depth, -1))
         logits = all_logits[:n_logits]
         return StepOutput(list(logits.split(sizes)), list(selected.split(sizes)), draft_logits)
 
@@ -128,22 +134,39 @@ class ModelRunner:
         self._last_lora = lora
         return lora
 
-    def _draft_head_rows(self, plan: StepPlan, selected: torch.Tensor, sizes: list[int]):
+    def _draft_head_rows(self, plan: StepPlan, selected: torch.Tensor, sizes: list[int], out: list):
         """Medusa v2 heads' hidden states for the rows a chunk may draft from (every verified row, since the
-        accepted one is not known yet; else the last), to share the step's one lm_head call (the v2 form:
-        base and speculative logits from a single projection)."""
+        accepted one is not known yet; else the last). Heads with a drafting vocabulary get their logits here,
+        in one call per vocabulary (into `out`); the others' states are returned, with their spans, to share
+        the step's one lm_head call (the v2 form: base and speculative logits from a single projection).
+        A request whose LoRA adapter changes lm_head drafts through that call too, so the adapter shapes
+        its drafts as it shapes its tokens."""
         head_rows, spans = [], []
+        by_vocab: dict[int, list[tuple[int, torch.Tensor]]] = {}
         start, offset = sum(sizes), 0
         for index, (chunk, size) in enumerate(zip(plan.chunks, sizes)):
             rows = selected[offset : offset + size]
             offset += size
-            if chunk.draft_heads is None or self.tree is None:
+            heads = chunk.draft_heads
+            if heads is None or self.tree is None:
                 continue
             rows = rows if chunk.draft else rows[-1:]
-            states = chunk.draft_heads.hidden_states(rows)[:, : self.tree.depth]  # (r, depth, H)
+            states = heads.hidden_states(rows)[:, : self.tree.depth]  # (r, depth, H)
+            lora = chunk.seq.lora
+            if heads.draft_vocab is not None and (lora is None or lora.lm_head is None):
+                by_vocab.setdefault(id(heads.draft_vocab), []).append((index, states))
+                continue
             head_rows.append(states.reshape(-1, states.shape[-1]))
             spans.append((index, start, rows.shape[0], self.tree.depth))
             start += rows.shape[0] * self.tree.depth
+        for members in by_vocab.values():
+            vocab = plan.chunks[members[0][0]].draft_heads.draft_vocab
+            flat = torch.cat([states.reshape(-1, states.shape[-1]) for _, states in members])
+            logits = vocab.logits(flat, self.model.lm_head)
+            for (index, states), part in zip(
+                members, logits.split([s.shape[0] * s.shape[1] for _, s in members])
+            ):
+                out[index] = DraftLogits(part.view(states.shape[0], states.shape[1], -1), vocab)
         return head_rows, spans
 
     def _add_tree_rows(self, chunk, row, ids, positions, write_slots, table_rows, table_pos, tables) -> int:
@@ -180,11 +203,17 @@ class ModelRunner:
 
 @torch.inference_mode()
 def time_forward(
-    runner: ModelRunner, rows: int, repeats: int = 3, context: int = 256, head_depth: int = 0
+    runner: ModelRunner,
+    rows: int,
+    repeats: int = 3,
+    context: int = 256,
+    head_depth: int = 0,
+    vocab: DraftVocab | None = None,
 ) -> float:
     """Seconds for one step of `rows` decode rows (each over `context` keys) with their logits, and
-    `head_depth` more lm_head rows per row (Medusa heads drafting from every verified row): what a
-    verification of that many rows costs. Reads and writes only the scratch slot."""
+    `head_depth` more lm_head rows per row (Medusa heads drafting from every verified row; through the
+    drafting vocabulary's projection when given, as the runner does): what a verification of that many
+    rows costs. Reads and writes only the scratch slot."""
     import time
 
     total = _round_up(rows, runner.rows)
@@ -200,6 +229,11 @@ def time_forward(
     for _ in range(repeats + 1):  # the first run warms up (weight packing, allocator)
         start = time.perf_counter()
         hidden = runner.model(ids, pos, runner.cache.layers, meta)
-        runner.model.logits(hidden[:rows].repeat(1 + head_depth, 1))
+        if vocab is None:
+            runner.model.logits(hidden[:rows].repeat(1 + head_depth, 1))
+        else:
+            runner.model.logits(hidden[:rows])
+            if head_depth:
+                vocab.logits(hidden[:rows].repeat(head_depth, 1), runner.model.lm_head)
         best = min(best, time.perf_counter() - start)
     return best

@@ -140,18 +140,20 @@ class Speculator:
             return PRIOR_TOKENS_PER_STEP
         return stats.mean_tokens_per_step
 
-    def tree_from_logits(self, logits: torch.Tensor, seq=None) -> list[int]:
-        """[depth, V] speculative logits of one sequence -> its candidate tree's node tokens."""
-        return self._fill_ngram_branch(self.tree.node_tokens(self._ranked(logits, seq)), seq)
+    def tree_from_logits(self, logits: torch.Tensor, seq=None, vocab=None) -> list[int]:
+        """[depth, V] speculative logits of one sequence (V: the tokens of `vocab`, a `DraftVocab`, when
+        given) -> its candidate tree's node tokens."""
+        return self._fill_ngram_branch(self.tree.node_tokens(self._ranked(logits, seq, vocab)), seq)
 
-    def _ranked(self, logits: torch.Tensor, seq) -> list[list[int]]:
+    def _ranked(self, logits: torch.Tensor, seq, vocab) -> list[list[int]]:
         """Each depth's top-k guesses: by the heads' logits, reranked with their n-gram table when they
         carry one (it knows the root token the heads drafted without)."""
         heads = (seq.medusa if seq is not None else None) or self.heads
         table = heads.ngrams if heads is not None else None
         if table is not None and seq is not None:
-            return table.rank(logits, seq.token_ids, self.tree.top_k)
-        return logits.topk(self.tree.top_k, dim=-1).indices.tolist()
+            return table.rank(logits, seq.token_ids, self.tree.top_k, vocab)
+        columns = logits.topk(self.tree.top_k, dim=-1).indices
+        return (columns if vocab is None else vocab.tokens(columns)).tolist()
 
     @functools.cached_property
     def _first_level_nodes(self) -> tuple[int, ...]:
@@ -295,6 +297,10 @@ def load_heads(
         model_id=model_id,
     )
     heads.ngrams = load_ngram_table(path, cfg.vocab_size)
+    if heads.ngrams is not None and not heads.has_own_lm_heads:
+        from gorgon.speculative.draft_vocab import DraftVocab
+
+        heads.draft_vocab = DraftVocab.from_table(heads.ngrams, cfg.vocab_size)
     return path, heads
 
 

@@ -68,6 +68,14 @@ class NgramTable:
         """The largest token id the table can propose (-1 when empty): must be below the model's vocabulary."""
         return max((int(o.tokens.max()) for o in self.orders.values() if len(o.tokens)), default=-1)
 
+    def vocabulary(self) -> np.ndarray:
+        """Every token the table knows (as a one-token context or as a continuation), sorted: what heads
+        carrying this table draft from (`speculative.draft_vocab`)."""
+        parts = [o.tokens.astype(np.int64) for o in self.orders.values()]
+        if 1 in self.orders:
+            parts.append(self.orders[1].keys)  # a one-token context's key is the token itself
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
     # --- building ---------------------------------------------------------------------------------------
     @classmethod
     def build(
@@ -165,15 +173,18 @@ class NgramTable:
                 return order.tokens[a:b], order.logprobs[a:b]
         return None
 
-    def rank(self, head_logits: torch.Tensor, context: Sequence[int], top_k: int) -> list[list[int]]:
+    def rank(
+        self, head_logits: torch.Tensor, context: Sequence[int], top_k: int, vocab=None
+    ) -> list[list[int]]:
         """[depth, V] head logits -> each depth's `top_k` guesses ranked by head log-probability + weight *
         table log-frequency. Depth d's context is `context` (ending with the tree's root) extended by the best
-        guesses of the depths before it."""
+        guesses of the depths before it. `vocab` (a `DraftVocab`): the logits' columns are its tokens."""
         # Within a depth, head log-probabilities are the logits shifted by one constant (the log-sum-exp):
         # the raw logits rank the same and spare a pass over the vocabulary.
         logits = head_logits.float()
         top = logits.topk(min(max(top_k, CANDIDATES), logits.shape[-1]), dim=-1)  # one call for all depths
-        top_ids, top_values = top.indices.tolist(), top.values.tolist()
+        top_ids = (top.indices if vocab is None else vocab.tokens(top.indices)).tolist()
+        top_values = top.values.tolist()
         context = list(context)
         out = []
         for lp, ids, values in zip(logits, top_ids, top_values):
@@ -184,8 +195,10 @@ class NgramTable:
                 bonus = self.weight * FLOOR
                 scores = {t: s + bonus for t, s in zip(ids, values)}
                 tokens, table_lp = found
-                head_lp = lp[torch.from_numpy(tokens.astype(np.int64))].tolist()
-                for t, h, g in zip(tokens.tolist(), head_lp, table_lp.tolist()):
+                columns = tokens.astype(np.int64) if vocab is None else vocab.index[tokens]
+                drafted = columns >= 0  # a token outside the drafting vocabulary is never proposed
+                head_lp = lp[torch.from_numpy(columns[drafted])].tolist()
+                for t, h, g in zip(tokens[drafted].tolist(), head_lp, table_lp[drafted].tolist()):
                     scores[t] = h + self.weight * g
                 ranked = sorted(scores, key=scores.__getitem__, reverse=True)[:top_k]
             out.append(ranked)

@@ -38,11 +38,17 @@ def head_guesses(
 ) -> torch.Tensor:
     """[T, num_heads, top_k] each head's top-k token ids at each row, as the server ranks them: reranked
     by the heads' n-gram table when they carry one, with `contexts[t]` the tokens up to row t's root."""
+    vocab = heads.draft_vocab
     with torch.inference_mode():
-        logits = heads.logits(hidden, lm_head)
+        if vocab is None:
+            logits = heads.logits(hidden, lm_head)
+        else:  # the server drafts from this vocabulary only
+            states = heads.hidden_states(hidden)
+            logits = vocab.logits(states.reshape(-1, states.shape[-1]), lm_head).view(*states.shape[:-1], -1)
         if heads.ngrams is None or contexts is None:
-            return logits.topk(top_k, dim=-1).indices
-        ranked = [heads.ngrams.rank(row, ctx, top_k) for row, ctx in zip(logits, contexts)]
+            columns = logits.topk(top_k, dim=-1).indices
+            return columns if vocab is None else vocab.tokens(columns)
+        ranked = [heads.ngrams.rank(row, ctx, top_k, vocab) for row, ctx in zip(logits, contexts)]
         return torch.tensor(ranked, dtype=torch.long).view(len(ranked), logits.shape[1], top_k)
 
 
@@ -132,10 +138,11 @@ def choose_tree(
 class VerifyCost:
     """Measured seconds of a verification step: `rows` verified rows (the tree's, plus `branch` n-gram nodes
     deeper than the first), and the Medusa heads' rows of each through the lm_head (every verified row
-    drafts `depth` heads, as the runner does). Measured once per (rows, depth)."""
+    drafts `depth` heads, as the runner does; through the heads' drafting vocabulary when they have one).
+    Measured once per (rows, depth)."""
 
-    def __init__(self, runner, branch: int = 0) -> None:
-        self.runner, self.branch, self.cache = runner, branch, {}
+    def __init__(self, runner, branch: int = 0, vocab=None) -> None:
+        self.runner, self.branch, self.vocab, self.cache = runner, branch, vocab, {}
 
     def __call__(self, rows: int, depth: int) -> float:
         from gorgon.engine.runner import time_forward
@@ -143,7 +150,7 @@ class VerifyCost:
         rows += max(self.branch - 1, 0)
         depth = max(depth, min(self.branch, 1)) if rows > 1 else 0
         if (rows, depth) not in self.cache:
-            self.cache[rows, depth] = time_forward(self.runner, rows, head_depth=depth)
+            self.cache[rows, depth] = time_forward(self.runner, rows, head_depth=depth, vocab=self.vocab)
         return self.cache[rows, depth]
 
 
@@ -217,7 +224,7 @@ def run_tune_tree(args) -> int:
             "n-gram node gain by first-level width: %s",
             " ".join(f"{x:.3f}" for x in (ngram / total).tolist()),
         )
-    cost = VerifyCost(engine.runner, branch)
+    cost = VerifyCost(engine.runner, branch, spec.heads.draft_vocab)
     best, candidates = choose_tree(p, cost, args.max_nodes, ngram / max(total, 1) if branch else None)
     print(
         f"{'nodes':>5} {'tokens/step':>12} {'step ms':>8} {'tokens/s':>9}  (n-gram branch: {branch} node(s))"

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from gorgon.kernels.linear import InvariantLinear
+from gorgon.speculative.draft_vocab import DraftVocab
+from gorgon.speculative.ngram_table import NgramTable
+
+
+def test_table_vocabulary_is_its_contexts_and_continuations():
+    # min_count 2 drops the contexts seen once: "1 2 7 9" twice, "5 6" once.
+    table = NgramTable.build([[1, 2, 7, 9], [1, 2, 7, 9], [5, 6]], min_count=2)
+    assert table.vocabulary().tolist() == [1, 2, 7, 9]
+    assert NgramTable({}).vocabulary().tolist() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_are_the_full_lm_head_columns_bitwise(dtype):
+    torch.manual_seed(0)
+    lm_head = InvariantLinear(64, 300, bias=False, dtype=dtype)
+    vocab = DraftVocab([250, 3, 17, 3, 99], vocab_size=300)  # unsorted, a duplicate: kept once, sorted
+    assert vocab.ids.tolist() == [3, 17, 99, 250] and len(vocab) == 4
+    states = torch.randn(5, 64, dtype=dtype)
+    with torch.inference_mode():
+        full = lm_head(states).float()
+        got = vocab.logits(states, lm_head)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, full[:, vocab.ids])  # the same kernel per element: no row or column effects
+    assert vocab.tokens(torch.tensor([[0, 3]])).tolist() == [[3, 250]]
+    with torch.no_grad():  # the base weights change (e.g. reloaded): the copy follows
+        lm_head.weight.mul_(2)
+    with torch.inference_mode():
+        assert torch.equal(vocab.logits(states, lm_head), lm_head(states).float()[:, vocab.ids])
+
+
+def test_refuses_ids_outside_the_vocabulary():
+    with pytest.raises(ValueError):
+        DraftVocab([1, 300], vocab_size=300)
+    with pytest.raises(ValueError):
+        DraftVocab([], vocab_size=300)
+
+
+def test_rank_over_a_vocabulary_equals_rank_over_the_masked_full_logits():
+    """Ranking the vocabulary's columns proposes what ranking full logits would, had every token outside
+    it been impossible."""
+    table = NgramTable.build([[1, 2, 7, 9]] * 3 + [[4, 5, 6]] * 2, min_count=1, weight=1.0)
+    vocab = DraftVocab.from_table(table, vocab_size=12)
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(2, 12, generator=g)
+    masked = torch.full_like(full, -float("inf"))
+    masked[:, vocab.ids] = full[:, vocab.ids]
+    for context in ([1, 2], [4], [11], [2, 7]):
+        want = table.rank(masked, context, top_k=3)
+        assert table.rank(full[:, vocab.ids], context, top_k=3, vocab=vocab) == want
+        assert all(t in set(vocab.ids.tolist()) for depth in want for t in depth)
+    # Tokens 0, 3, 8, 10, 11 are not in the table: never proposed even when the heads like them best.
+    full[:, 11] = 50.0
+    assert 11 not in np.array(table.rank(full[:, vocab.ids], [1, 2], top_k=3, vocab=vocab))
