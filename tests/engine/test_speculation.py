@@ -194,16 +194,16 @@ def test_step_times_means_and_exploration():
     assert times.seconds(4, True) is None  # one step is not trusted yet
     times.record(4, True, 0.020)
     assert times.seconds(4, True) == pytest.approx(0.015)  # moving mean, newest weighted alpha
-    # A close call (gain 1.1) and the other mode has no trusted mean: after `burst` decisions it is run for
+    # A close call (gain 1.05) and the other mode has no trusted mean: after `burst` decisions it is run for
     # `burst` decisions.
-    assert [times.decide(4, 1.1) for _ in range(2)] == [True, False]
+    assert [times.decide(4, 1.05) for _ in range(2)] == [True, False]
     times.record(4, False, 0.01)
     times.record(4, False, 0.01)
-    assert times.decide(4, 1.1) is False  # the burst's end
+    assert times.decide(4, 1.05) is False  # the burst's end
     # Both known: the preferred mode, except a burst of the other one every `explore_every` decisions.
-    decisions = [times.decide(4, 1.1) for _ in range(40)]
+    decisions = [times.decide(4, 1.05) for _ in range(40)]
     assert decisions.count(False) == 8 and decisions[:8] == [True] * 8
-    assert times.decide(5, 0.9) is False  # loads are separate
+    assert times.decide(5, 0.95) is False  # loads are separate
     # A clear verdict (drafts halve throughput): the untrusted mode waits `explore_every` decisions...
     decisions = [times.decide(6, 0.5) for _ in range(19)]
     assert [i for i, d in enumerate(decisions) if d] == [9, 10]
@@ -212,6 +212,13 @@ def test_step_times_means_and_exploration():
     # ...and once measured, a burst comes only every 4 x explore_every decisions.
     decisions = [times.decide(6, 0.5) for _ in range(81)]
     assert [i for i, d in enumerate(decisions) if d] == [30, 31, 70, 71]
+    # By default a 0.78x verdict (drafts at 8 concurrent code requests on this CPU) is clear: one burst in
+    # 300 decisions, not one every 64.
+    times = StepTimes()
+    for _ in range(3):
+        times.record(8, True, 0.070)
+        times.record(8, False, 0.028)
+    assert sum(times.decide(8, 0.78) for _ in range(300)) == times.burst
 
 
 def test_policy_trusts_measured_step_times_over_the_start_up_table():
