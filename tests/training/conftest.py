@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from fake_openai import BROKEN, FLAKY, LONG, REFUSED, fake_answer
+from fake_openai import BROKEN, FLAKY, LONG, LOOP, REFUSED, fake_answer, loop_words
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from helpers import running_engine, save_tiny_checkpoint, serve
 
 from gorgon.config import EngineConfig
@@ -25,6 +25,7 @@ class FakeOpenAI:
     requests: list[dict] = field(default_factory=list)
     completion_calls: int = 0
     completion_finish: dict[int, str] = field(default_factory=dict)  # call index -> finish_reason
+    streamed_pieces: list[int] = field(default_factory=list)  # per streamed answer, the pieces sent
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -39,7 +40,11 @@ class FakeOpenAI:
                 return JSONResponse({"error": "boom", "error_type": "generation"}, status_code=500)
             if REFUSED in last:
                 return JSONResponse({"error": "too long", "error_type": "validation"}, status_code=422)
-            text = fake_answer(body["messages"])
+            if body.get("stream"):
+                words = loop_words(body["max_tokens"]) if LOOP in last else [fake_answer(body["messages"])]
+                finish = "length" if LOOP in last or LONG in last else "stop"
+                return StreamingResponse(self._stream(words, finish), media_type="text/event-stream")
+            text = "".join(loop_words(body["max_tokens"])) if LOOP in last else fake_answer(body["messages"])
             return {
                 "id": "x",
                 "object": "chat.completion",
@@ -48,7 +53,7 @@ class FakeOpenAI:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "finish_reason": "length" if LONG in last else "stop",
+                        "finish_reason": "length" if LONG in last or LOOP in last else "stop",
                     }
                 ],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
@@ -72,6 +77,25 @@ class FakeOpenAI:
             }
 
         return app
+
+    async def _stream(self, pieces: list[str], finish: str):
+        """OpenAI's chat stream: a role chunk, one chunk per piece, a finish chunk, [DONE]; counts what it
+        sent (a client that hangs up stops it early)."""
+        import asyncio
+        import json
+
+        def event(delta, finish_reason=None):
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            return f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+
+        self.streamed_pieces.append(0)
+        yield event({"role": "assistant"})
+        for piece in pieces:
+            await asyncio.sleep(0)
+            self.streamed_pieces[-1] += 1
+            yield event({"content": piece})
+        yield event({}, finish)
+        yield "data: [DONE]\n\n"
 
 
 @pytest.fixture

@@ -107,9 +107,11 @@ def test_cli_in_process(tiny_model_dir, tmp_path):
     assert len(data) == 1 and [m["role"] for m in data[0]] == ["user", "assistant"]
 
 
-def test_gorgon_server_and_in_process_give_the_same_answers(tiny_engine):
-    """Replaying over HTTP against Gorgon's own server equals replaying in-process (greedy), and its
-    completions endpoint takes the Magpie request (prompt, stop, seed, temperature)."""
+@pytest.mark.parametrize("stop_loops", [False, True])
+def test_gorgon_server_and_in_process_give_the_same_answers(tiny_engine, stop_loops):
+    """Replaying over HTTP against Gorgon's own server equals replaying in-process (greedy), streamed
+    (--stop-loops) or not, and its completions endpoint takes the Magpie request (prompt, stop, seed,
+    temperature)."""
     from helpers import serve
 
     from gorgon.server.app import create_app
@@ -118,7 +120,7 @@ def test_gorgon_server_and_in_process_give_the_same_answers(tiny_engine):
     conv = Conversation(
         ({"role": "user", "content": "Hello world!"}, {"role": "user", "content": "How are you?"})
     )
-    opts = ReplayOptions(max_tokens=6)
+    opts = ReplayOptions(max_tokens=40, stop_loops=stop_loops)
 
     async def go(url):
         http = HttpChatBackend(url)
@@ -134,3 +136,36 @@ def test_gorgon_server_and_in_process_give_the_same_answers(tiny_engine):
         over_http, local, sampled = run(go(url))
     assert over_http.messages == local.messages
     assert sampled.completion_tokens > 0 and sampled.finish_reason in ("stop", "length")
+
+
+def test_stop_loops_in_process_stops_the_request_where_the_loop_begins(tiny_engine):
+    """In-process, --stop-loops reads the engine's token stream and closes it at the loop (the engine
+    aborts the request): the answer is what `prepare` keeps of the full one, marked "loop"."""
+    from fake_openai import loop_words
+
+    from gorgon.engine.request import TokenOutput
+    from gorgon.training.prepare import loop_start
+
+    class LoopingEngine:
+        """Streams the fake server's looping answer, one word per token, and records how far it got."""
+
+        config, tokenizer = tiny_engine.config, tiny_engine.tokenizer
+        sent, closed = 0, False
+
+        async def generate(self, request):
+            try:
+                for piece in loop_words(request.stopping.max_new_tokens):
+                    self.sent += 1
+                    yield TokenOutput(0, piece, 0.0, False, False, ())
+            finally:
+                LoopingEngine.closed = True
+
+    engine = LoopingEngine()
+    backend = EngineChatBackend(engine)
+    messages = [{"role": "user", "content": "Hi"}]
+    full = "".join(loop_words(200))
+    got = run(backend.chat(messages, max_tokens=200, temperature=0.0, stop_loops=True))
+    assert got.finish_reason == "loop" and got.truncated
+    assert got.text == full[: loop_start(full)].rstrip()
+    assert engine.sent < 100 and LoopingEngine.closed
+    assert got.completion_tokens == engine.sent

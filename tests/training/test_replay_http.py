@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 
-from fake_openai import BROKEN, FLAKY, LONG, REFUSED, fake_answer
+from fake_openai import BROKEN, FLAKY, LONG, LOOP, REFUSED, fake_answer, loop_words
 
 from gorgon.cli import main
 from gorgon.training.chat_backends import HttpChatBackend, RetryPolicy, TransientError, call_with_retries
@@ -158,3 +158,36 @@ def test_call_with_retries_gives_up_after_attempts():
         return False
 
     assert asyncio.run(go()) and len(calls) == 3
+
+
+def test_stop_loops_streams_and_keeps_what_prepare_would_keep(fake_url, fake_openai, tmp_path):
+    """--stop-loops: each answer is streamed and abandoned where its loop begins; the record holds the
+    text before the loop (what `prepare` keeps of the full answer), marked cut; answers without a loop
+    are the same as unstreamed ones."""
+    from gorgon.training.prepare import loop_start
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [sharegpt(f"{LOOP} please"), sharegpt("Plain")])
+    out = tmp_path / "out.json"
+    assert distill(fake_url, inp, out, "--max-tokens", "300", "--stop-loops") == 0
+    data = json.loads(out.read_text())
+    full = "".join(loop_words(300))
+    assert data[0][1]["content"] == full[: loop_start(full)].rstrip()
+    assert data[0][1]["content"].startswith("Here is my answer to that. The same eight words")
+    assert data[1][1]["content"] == fake_answer([{"role": "user", "content": "Plain"}])
+    assert all(r["stream"] for r in fake_openai.requests)
+    # The looping answer was abandoned long before its 300 words (the server noticed the hang-up).
+    assert max(fake_openai.streamed_pieces) < 100
+    records = [json.loads(line) for line in (tmp_path / "out.json.done.jsonl").read_text().splitlines()]
+    cut = {r["messages"][0]["content"]: r["truncated"] for r in records}
+    assert cut == {f"{LOOP} please": True, "Plain": False}
+    assert all(r["settings"]["stop_loops"] is True for r in records)
+
+
+def test_without_stop_loops_the_whole_loop_is_generated(fake_url, fake_openai, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [sharegpt(f"{LOOP} please")])
+    out = tmp_path / "out.json"
+    assert distill(fake_url, inp, out, "--max-tokens", "300") == 0
+    assert json.loads(out.read_text())[0][1]["content"] == "".join(loop_words(300))
+    assert not any(r.get("stream") for r in fake_openai.requests)
+    record = json.loads((tmp_path / "out.json.done.jsonl").read_text().splitlines()[0])
+    assert "stop_loops" not in record["settings"]  # stores from before the option still resume

@@ -42,13 +42,15 @@ class PermanentError(BackendError):
 @dataclass(frozen=True)
 class Completion:
     text: str
-    finish_reason: str  # "stop" (the model ended its turn or hit a stop sequence) | "length" (max tokens)
+    # "stop" (the model ended its turn or hit a stop sequence) | "length" (max tokens) | "loop" (stopped
+    # where a degenerate loop began; the text ends before it)
+    finish_reason: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
     @property
     def truncated(self) -> bool:
-        return self.finish_reason == "length"
+        return self.finish_reason in ("length", "loop")
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,15 @@ class ChatBackend(abc.ABC):
 
     @abc.abstractmethod
     async def chat(
-        self, messages: list[Message], *, max_tokens: int, temperature: float, seed: int | None = None
-    ) -> Completion: ...
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+        stop_loops: bool = False,
+    ) -> Completion:
+        """The assistant's answer; with `stop_loops`, streamed and stopped where a loop begins."""
 
     @abc.abstractmethod
     async def complete(
@@ -180,14 +189,55 @@ class HttpChatBackend(ChatBackend):
         )
 
     async def chat(
-        self, messages: list[Message], *, max_tokens: int, temperature: float, seed: int | None = None
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+        stop_loops: bool = False,
     ) -> Completion:
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         if seed is not None:
             body["seed"] = seed
+        if stop_loops:
+            return await self._stream_chat(body)
         data, choice = await self._post("/v1/chat/completions", body)
         message = choice.get("message") or {}
         return self._completion(data, choice, message.get("content"))
+
+    async def _stream_chat(self, body: dict[str, Any]) -> Completion:
+        """A streamed chat answer, abandoned where a loop begins (closing the stream cancels the request on
+        servers that notice disconnects, Gorgon among them)."""
+        import httpx
+
+        from gorgon.training.prepare import LoopWatch
+
+        if self.model is not None:
+            body = {"model": self.model, **body}
+        watch, finish = LoopWatch(), "stop"
+        try:
+            async with self._client.stream(
+                "POST", "/v1/chat/completions", json={**body, "stream": True}
+            ) as r:
+                if r.status_code != 200:
+                    detail = (await r.aread()).decode(errors="replace")[:300]
+                    retry = r.status_code >= 500 or r.status_code in _RETRYABLE_STATUS
+                    raise (TransientError if retry else PermanentError)(
+                        f"HTTP {r.status_code} from /v1/chat/completions: {detail}"
+                    )
+                async for line in r.aiter_lines():
+                    choice = _stream_choice(line)
+                    if choice is None:
+                        continue
+                    piece = (choice.get("delta") or {}).get("content") or ""
+                    finish = choice.get("finish_reason") or finish
+                    if piece and (cut := watch.feed(piece)) is not None:
+                        return Completion(watch.text[:cut].rstrip(), "loop", completion_tokens=watch.pieces)
+        except httpx.TransportError as e:
+            raise TransientError(f"{type(e).__name__}: {e}") from e
+        finish = "length" if finish == "length" else "stop"
+        return Completion(watch.text, finish, completion_tokens=watch.pieces)
 
     async def complete(
         self,
@@ -210,6 +260,22 @@ class HttpChatBackend(ChatBackend):
         await self._client.aclose()
 
 
+def _stream_choice(line: str) -> dict[str, Any] | None:
+    """The first choice of one server-sent event line of a streamed chat answer, or None (other lines)."""
+    import json
+
+    if not line.startswith("data:"):
+        return None
+    payload = line[len("data:") :].strip()
+    if payload == "[DONE]":
+        return None
+    try:
+        choice = json.loads(payload)["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise TransientError(f"malformed stream event: {line[:300]}") from e
+    return choice if isinstance(choice, dict) else None
+
+
 # --- in-process ----------------------------------------------------------------------------------------------
 class EngineChatBackend(ChatBackend):
     """A started `AsyncEngine` in this process: the chat template is applied here, no HTTP, no server.
@@ -226,12 +292,18 @@ class EngineChatBackend(ChatBackend):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def chat(
-        self, messages: list[Message], *, max_tokens: int, temperature: float, seed: int | None = None
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+        stop_loops: bool = False,
     ) -> Completion:
         if not getattr(self.tokenizer, "chat_template", None):
             raise PermanentError("this model's tokenizer has no chat template")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return await self._generate(self._ids(prompt), max_tokens, temperature, (), seed)
+        return await self._generate(self._ids(prompt), max_tokens, temperature, (), seed, stop_loops)
 
     async def complete(
         self,
@@ -245,7 +317,13 @@ class EngineChatBackend(ChatBackend):
         return await self._generate(self._ids(prompt), max_tokens, temperature, stop, seed)
 
     async def _generate(
-        self, ids: list[int], max_tokens: int, temperature: float, stop: tuple[str, ...], seed: int | None
+        self,
+        ids: list[int],
+        max_tokens: int,
+        temperature: float,
+        stop: tuple[str, ...],
+        seed: int | None,
+        stop_loops: bool = False,
     ) -> Completion:
         from gorgon.engine.request import (
             ErrorOutput,
@@ -253,8 +331,10 @@ class EngineChatBackend(ChatBackend):
             GenerationRequest,
             SamplingParams,
             StoppingParams,
+            TokenOutput,
         )
         from gorgon.errors import GorgonError
+        from gorgon.training.prepare import LoopWatch
 
         cfg = self.engine.config
         if not ids:
@@ -270,8 +350,14 @@ class EngineChatBackend(ChatBackend):
             sampling=SamplingParams(do_sample=temperature > 0, temperature=temperature or 1.0, seed=seed),
             stopping=StoppingParams(max_new_tokens=max_new, stop_sequences=stop),
         )
+        watch = LoopWatch() if stop_loops else None
+        stream = self.engine.generate(request)
         try:
-            async for out in self.engine.generate(request):
+            async for out in stream:
+                if watch is not None and isinstance(out, TokenOutput):
+                    cut = watch.feed(out.text)
+                    if cut is not None:  # closing the stream below aborts the request
+                        return Completion(watch.text[:cut].rstrip(), "loop", len(ids), watch.pieces)
                 if isinstance(out, FinalOutput):
                     text = out.generated_text
                     if out.finish_reason == "stop_sequence":
@@ -286,6 +372,8 @@ class EngineChatBackend(ChatBackend):
                     raise TransientError(out.message)
         except GorgonError as e:  # overloaded, or the engine has failed
             raise TransientError(str(e)) from e
+        finally:
+            await stream.aclose()
         raise TransientError("the engine closed the stream without a final output")
 
 

@@ -49,6 +49,7 @@ class ReplayOptions:
     seed: int = 0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     model: str = ""  # what answers (server URL and model, or the in-process model id): recorded, not used
+    stop_loops: bool = False  # stream answers and stop each where a degenerate loop begins
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -65,6 +66,8 @@ class ReplayOptions:
         settings["temperature"] = self.temperature
         if self.temperature > 0:
             settings["seed"] = self.seed
+        if self.stop_loops:  # absent when off, so stores written before the option still match
+            settings["stop_loops"] = True
         return settings
 
 
@@ -73,7 +76,7 @@ class DistillSummary:
     total: int = 0
     already_done: int = 0
     done: int = 0
-    truncated: int = 0  # conversations (done now) with at least one answer cut by max tokens
+    truncated: int = 0  # conversations (done now) with an answer cut by max tokens (or stopped at a loop)
     failed_transient: int = 0  # retries exhausted: a rerun retries them
     failed_permanent: int = 0  # the request itself is refused (too long, 4xx): a rerun fails again
     generated_tokens: int = 0
@@ -89,7 +92,7 @@ class DistillSummary:
         return (
             f"{self.done} conversations answered now, {self.already_done} done earlier, {self.failed} left out "
             f"({self.failed_transient} after retries, {self.failed_permanent} refused); {self.truncated} with "
-            f"an answer cut at --max-tokens; {self.generated_tokens} tokens in {self.elapsed_s:.1f}s "
+            f"an answer cut (--max-tokens or a loop); {self.generated_tokens} tokens in {self.elapsed_s:.1f}s "
             f"({rate:.1f} tokens/s)"
         )
 
@@ -170,7 +173,11 @@ async def replay(backend: ChatBackend, conv: Conversation, opts: ReplayOptions) 
             seed = (int(conv.key[:12], 16) + opts.seed * 1_000_003 + turn) % (1 << 62)
         c = await call_with_retries(
             lambda h=list(history), s=seed: backend.chat(
-                h, max_tokens=opts.max_tokens, temperature=opts.temperature, seed=s
+                h,
+                max_tokens=opts.max_tokens,
+                temperature=opts.temperature,
+                seed=s,
+                stop_loops=opts.stop_loops,
             ),
             opts.retry,
             f"conversation {conv.index} turn {turn}",
@@ -264,7 +271,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="for answers (0: greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--drop-truncated", action="store_true", help="leave out conversations cut at --max-tokens"
+        "--drop-truncated", action="store_true", help="leave out conversations cut at --max-tokens (or stopped at a loop)"
+    )
+    p.add_argument(
+        "--stop-loops",
+        action="store_true",
+        help="stream each answer and stop it where a degenerate loop begins (a run of 8 words seen before), "
+        "keeping the text before it: what `python -m gorgon.training.prepare` would keep, without "
+        "generating the loop up to --max-tokens",
     )
     p.add_argument("--retries", type=int, default=4, help="retries of a failed request")
     p.add_argument(
@@ -308,6 +322,7 @@ async def _run(args: argparse.Namespace, engine_factory: Callable[[], Any]) -> i
         seed=args.seed,
         retry=RetryPolicy(attempts=args.retries + 1, base_delay=args.retry_backoff),
         model=model,
+        stop_loops=args.stop_loops,
     )
     if args.input_filename is not None:
         dataset = load_conversations(args.input_filename)

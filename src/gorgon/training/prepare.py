@@ -28,6 +28,21 @@ def loop_start(text: str, n: int = LOOP_WORDS) -> int | None:
     return None
 
 
+class LoopWatch:
+    """Watches an answer as it streams in and says where a loop began, as soon as one shows: distillation
+    stops generating there (`gorgon distill --stop-loops`) instead of running to `--max-tokens` for text that
+    `prepare` would cut anyway. Checks every `every` pieces (the scan is over the whole text)."""
+
+    def __init__(self, every: int = 16) -> None:
+        self.text, self.every, self.pieces = "", every, 0
+
+    def feed(self, piece: str) -> int | None:
+        """Append a piece of the answer; the loop's start offset once there is one, else None."""
+        self.text += piece
+        self.pieces += 1
+        return loop_start(self.text) if self.pieces % self.every == 0 else None
+
+
 def prepare(records: list[dict], exclude: set[str], min_chars: int = 20) -> tuple[list, dict]:
     """(conversations as message lists, counts of what was kept, trimmed and dropped)."""
     out, counts = [], {"kept": 0, "trimmed": 0, "dropped_excluded": 0, "dropped_short": 0}
