@@ -1,6 +1,6 @@
 """Training-file preparation: cut answers lose their loop, tuning prompts stay out."""
 
-from gorgon.training.prepare import LoopWatch, loop_start, prepare
+from gorgon.training.prepare import LoopWatch, loop_start, prepare, stuck
 
 LOOP = "Paris is the capital of France and it is lovely. " * 6
 
@@ -31,15 +31,22 @@ def test_prepare_trims_cut_answers_and_excludes_prompts():
     assert out[1][1]["content"] == LOOP  # an answer that ended keeps its repetitions
 
 
-def test_loop_watch_reports_the_loop_as_it_streams_in():
-    text = "Intro words here. " + LOOP
+def test_loop_watch_stops_a_stuck_answer_where_prepare_cuts_it():
+    text = "Intro words here. " + LOOP * 3  # 183 words: one 10-word sentence over and over
     watch = LoopWatch(every=4)
     cuts = [watch.feed(w + " ") for w in text.split()]
     first = next(i for i, c in enumerate(cuts) if c is not None)
-    assert cuts[first] == loop_start(text)  # the same place `prepare` cuts
-    assert (first + 1) % 4 == 0 and first < 40  # found at a check, early in the second round of the sentence
-    assert watch.pieces == len(text.split())
-    plain = LoopWatch(every=1)
-    assert all(
-        plain.feed(w + " ") is None for w in ["no", "repetition", "in", "these", "few", "distinct", "words"]
-    )
+    assert cuts[first] == loop_start(text)  # the same place `prepare` cuts the capped answer
+    # Stopped once the last 48 eight-word runs all repeated earlier ones: the repeats start at word 13, so
+    # at 13 + 48 + 7 = 68 words (a check falls there).
+    assert first + 1 == 68 and watch.pieces == len(text.split())
+    assert stuck(text) and not stuck(text.split("lovely.")[0] + "lovely.")
+
+
+def test_a_finished_answer_that_repeats_a_phrase_is_not_stuck():
+    # Code and lists repeat whole lines; that is not a loop unless nothing new follows.
+    line = "result = compute the value for this item and store it "
+    answer = " ".join(f"step {i}: {line}" for i in range(12))
+    assert loop_start(answer) is not None  # prepare would cut it, were it capped...
+    watch = LoopWatch(every=1)
+    assert all(watch.feed(w + " ") is None for w in answer.split())  # ...but it is never stuck

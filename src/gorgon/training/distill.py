@@ -271,7 +271,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="for answers (0: greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--drop-truncated", action="store_true", help="leave out conversations cut at --max-tokens (or stopped at a loop)"
+        "--drop-truncated",
+        action="store_true",
+        help="leave out conversations cut at --max-tokens (or stopped at a loop)",
     )
     p.add_argument(
         "--stop-loops",

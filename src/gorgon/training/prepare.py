@@ -28,19 +28,38 @@ def loop_start(text: str, n: int = LOOP_WORDS) -> int | None:
     return None
 
 
+STUCK_WORDS = 48  # an answer whose last this many words only repeat earlier runs is stuck in a loop
+
+
+def stuck(text: str, n: int = LOOP_WORDS, tail: int = STUCK_WORDS) -> bool:
+    """Whether every n-word run among the last `tail` words appeared earlier in the text: a loop that will
+    not end. (One repeated run is not enough: finished answers repeat phrases too, and code repeats lines.)"""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) <= tail:
+        return False
+    first: dict[tuple[str, ...], int] = {}
+    for i, gram in enumerate(grams):
+        first.setdefault(gram, i)
+    return all(first[gram] < i for i, gram in enumerate(grams[-tail:], len(grams) - tail))
+
+
 class LoopWatch:
-    """Watches an answer as it streams in and says where a loop began, as soon as one shows: distillation
-    stops generating there (`gorgon distill --stop-loops`) instead of running to `--max-tokens` for text that
-    `prepare` would cut anyway. Checks every `every` pieces (the scan is over the whole text)."""
+    """Watches an answer as it streams in and says where its loop began once it is stuck in one:
+    distillation stops generating there (`gorgon distill --stop-loops`) instead of running to
+    `--max-tokens`; the answer would have hit that cap, and `prepare` would have cut it at the same place.
+    Checks every `every` pieces (each check scans the whole text)."""
 
     def __init__(self, every: int = 16) -> None:
         self.text, self.every, self.pieces = "", every, 0
 
     def feed(self, piece: str) -> int | None:
-        """Append a piece of the answer; the loop's start offset once there is one, else None."""
+        """Append a piece of the answer; the loop's start offset once it is stuck in one, else None."""
         self.text += piece
         self.pieces += 1
-        return loop_start(self.text) if self.pieces % self.every == 0 else None
+        if self.pieces % self.every or not stuck(self.text):
+            return None
+        return loop_start(self.text)
 
 
 def prepare(records: list[dict], exclude: set[str], min_chars: int = 20) -> tuple[list, dict]:
