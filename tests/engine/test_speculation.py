@@ -209,16 +209,19 @@ def test_step_times_means_and_exploration():
     assert [i for i, d in enumerate(decisions) if d] == [9, 10]
     times.record(6, True, 0.02)
     times.record(6, True, 0.02)
-    # ...and once measured, a burst comes only every 4 x explore_every decisions.
-    decisions = [times.decide(6, 0.5) for _ in range(81)]
-    assert [i for i, d in enumerate(decisions) if d] == [30, 31, 70, 71]
-    # By default a 0.78x verdict (drafts at 8 concurrent code requests on this CPU) is clear: one burst in
-    # 300 decisions, not one every 64.
+    # ...and once measured, a burst comes only every 4 x explore_every decisions times the verdict's
+    # distance from even in clear margins (0.5 is 7.27 margins of 1.1 from 1): every round(4 x 10 x 7.27)
+    # = 291 decisions (the count began 10 decisions before this list).
+    decisions = [times.decide(6, 0.5) for _ in range(700)]
+    assert [i for i, d in enumerate(decisions) if d] == [281, 282, 572, 573]
+    # By default a 0.78x verdict (drafts at 8 concurrent code requests on this CPU) is clear (2.6 margins):
+    # one burst in 700 decisions, not one every 64.
     times = StepTimes()
     for _ in range(3):
         times.record(8, True, 0.070)
         times.record(8, False, 0.028)
-    assert sum(times.decide(8, 0.78) for _ in range(300)) == times.burst
+    decisions = [times.decide(8, 0.78) for _ in range(1400)]
+    assert [i for i, d in enumerate(decisions) if d] == [666, 667, 668, 1333, 1334, 1335]  # every 667
 
 
 def test_policy_trusts_measured_step_times_over_the_start_up_table():
