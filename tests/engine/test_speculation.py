@@ -395,3 +395,16 @@ def test_ngram_branch_fills_its_nodes_and_stays_exact(hf_model, tiny_tokenizer):
     fast = run(engine(hf_model, tiny_tokenizer, torch.float32, spec), reqs)
     assert [[t.id for t in o.tokens] for o in fast] == [[t.id for t in o.tokens] for o in plain]
     assert spec.stats.verified_sequences > 0
+
+
+def test_freed_slots_are_handed_out_again_in_order():
+    """Speculation shuffles a sequence's slots (accepted nodes' slots swap into its positions); once freed,
+    the next sequence still gets the lowest free slots, ascending, so its keys and values stay contiguous."""
+    from gorgon.engine.kv_cache import SlotAllocator
+
+    alloc = SlotAllocator(64)
+    first = alloc.allocate(10)
+    assert first == list(range(1, 11))
+    shuffled = first[:3] + [first[9], first[4], first[3]] + first[5:9]
+    alloc.free(shuffled)
+    assert alloc.allocate(12) == list(range(1, 13))

@@ -51,4 +51,9 @@ class SlotAllocator:
         return taken[::-1]
 
     def free(self, slots: list[int]) -> None:
-        self._free.extend(reversed(slots))
+        # Kept sorted, so a new sequence gets the lowest free slots in ascending order: contiguous where
+        # possible. Speculation leaves a finished sequence's slots shuffled (accepted tree nodes' slots are
+        # swapped into its positions); handed out again as freed, they would scatter the next sequences'
+        # keys and values and slow every attention read.
+        self._free.extend(slots)
+        self._free.sort(reverse=True)
