@@ -91,7 +91,7 @@ class FakeOpenAI:
         self.streamed_pieces.append(0)
         yield event({"role": "assistant"})
         for piece in pieces:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.002)  # a model's pace, roughly: a client that hangs up is noticed in time
             self.streamed_pieces[-1] += 1
             yield event({"content": piece})
         yield event({}, finish)
