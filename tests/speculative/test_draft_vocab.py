@@ -56,3 +56,12 @@ def test_rank_over_a_vocabulary_equals_rank_over_the_masked_full_logits():
     # Tokens 0, 3, 8, 10, 11 are not in the table: never proposed even when the heads like them best.
     full[:, 11] = 50.0
     assert 11 not in np.array(table.rank(full[:, vocab.ids], [1, 2], top_k=3, vocab=vocab))
+
+
+def test_works_on_weights_made_in_inference_mode():
+    """Inference tensors keep no version counter: the copy is keyed without one."""
+    with torch.inference_mode():
+        lm_head = InvariantLinear(16, 40, bias=False)
+        states = torch.randn(2, 16)
+        vocab = DraftVocab([1, 5, 39], vocab_size=40)
+        assert torch.equal(vocab.logits(states, lm_head), lm_head(states)[:, vocab.ids])

@@ -62,14 +62,14 @@ class InvariantLinear(torch.nn.Linear):
         training = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
         if training or not self.use_kernel or not kernel_available(w.dtype, w.device):
             return F.linear(x, w, self.bias)
-        key = (w.data_ptr(), w.dtype, _version(w))
+        key = (w.data_ptr(), w.dtype, weight_version(w))
         if self._packed is None or self._packed_key != key:
             self._packed = _extension().pack_weight(w.detach())
             self._packed_key = key
         return linear(x, w, self.bias, self._packed)
 
 
-def _version(t: torch.Tensor) -> int:
+def weight_version(t: torch.Tensor) -> int:
     try:
         return t._version
     except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place later)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gorgon.kernels.linear import InvariantLinear
+from gorgon.kernels.linear import InvariantLinear, weight_version
 
 
 class DraftVocab:
@@ -47,7 +47,7 @@ class DraftVocab:
 
     def _projection_for(self, lm_head: torch.nn.Module) -> InvariantLinear:
         weight = lm_head.weight
-        key = (weight.data_ptr(), weight.dtype, weight.device, weight._version)
+        key = (weight.data_ptr(), weight.dtype, weight.device, weight_version(weight))
         if self._projection is None or self._key != key:  # first use, or the base weights changed
             rows = weight.detach()[self.ids.to(weight.device)]
             proj = InvariantLinear(
