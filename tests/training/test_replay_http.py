@@ -191,3 +191,12 @@ def test_without_stop_loops_the_whole_loop_is_generated(fake_url, fake_openai, t
     assert not any(r.get("stream") for r in fake_openai.requests)
     record = json.loads((tmp_path / "out.json.done.jsonl").read_text().splitlines()[0])
     assert "stop_loops" not in record["settings"]  # stores from before the option still resume
+
+
+def test_stop_loops_streams_retry_and_refusals_like_plain_requests(fake_url, fake_openai, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [sharegpt(f"{FLAKY} a"), sharegpt(f"{REFUSED} b")])
+    out = tmp_path / "out.json"
+    assert distill(fake_url, inp, out, "--stop-loops") == 1  # one conversation left out
+    data = json.loads(out.read_text())
+    assert [c[0]["content"] for c in data] == [f"{FLAKY} a"]  # retried after two 500s; the 422 left out
+    assert fake_openai.chat_calls[f"{FLAKY} a"] == 3 and fake_openai.chat_calls[f"{REFUSED} b"] == 1

@@ -162,12 +162,7 @@ class HttpChatBackend(ChatBackend):
             raise TransientError(f"{type(e).__name__}: {e}") from e
         if r.status_code != 200:
             detail = r.text[:300]
-            cls = (
-                TransientError
-                if r.status_code >= 500 or r.status_code in _RETRYABLE_STATUS
-                else PermanentError
-            )
-            raise cls(f"HTTP {r.status_code} from {path}: {detail}")
+            raise _status_error(r.status_code, path, detail)
         try:
             data = r.json()
             choice = data["choices"][0]
@@ -222,10 +217,7 @@ class HttpChatBackend(ChatBackend):
             ) as r:
                 if r.status_code != 200:
                     detail = (await r.aread()).decode(errors="replace")[:300]
-                    retry = r.status_code >= 500 or r.status_code in _RETRYABLE_STATUS
-                    raise (TransientError if retry else PermanentError)(
-                        f"HTTP {r.status_code} from /v1/chat/completions: {detail}"
-                    )
+                    raise _status_error(r.status_code, "/v1/chat/completions", detail)
                 async for line in r.aiter_lines():
                     choice = _stream_choice(line)
                     if choice is None:
@@ -258,6 +250,12 @@ class HttpChatBackend(ChatBackend):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _status_error(status: int, path: str, detail: str) -> BackendError:
+    """A non-200 answer as an error: transient (5xx, 408, 409, 425, 429) or permanent (other 4xx)."""
+    cls = TransientError if status >= 500 or status in _RETRYABLE_STATUS else PermanentError
+    return cls(f"HTTP {status} from {path}: {detail}")
 
 
 def _stream_choice(line: str) -> dict[str, Any] | None:
