@@ -187,13 +187,15 @@ def test_measured_policy_speculates_only_where_it_pays():
     assert StepCost((1, 8), (1.0, 2.0)).seconds(15) == pytest.approx(3.0)  # extrapolated
 
 
-def test_step_times_means_and_exploration():
-    times = StepTimes(alpha=0.5, min_samples=2, explore_every=10, burst=2)
+def test_step_times_recent_fastest_and_exploration():
+    times = StepTimes(window=2, min_samples=2, explore_every=10, burst=2)
     assert times.seconds(4, True) is None
     times.record(4, True, 0.010)
     assert times.seconds(4, True) is None  # one step is not trusted yet
-    times.record(4, True, 0.020)
-    assert times.seconds(4, True) == pytest.approx(0.015)  # moving mean, newest weighted alpha
+    times.record(4, True, 0.020)  # a step slowed by interference...
+    assert times.seconds(4, True) == pytest.approx(0.010)  # ...does not move the figure: the fastest recent
+    times.record(4, True, 0.030)
+    assert times.seconds(4, True) == pytest.approx(0.020)  # the window moved on (contexts grow)
     # A close call (gain 1.05) and the other mode has no trusted mean: after `burst` decisions it is run for
     # `burst` decisions.
     assert [times.decide(4, 1.05) for _ in range(2)] == [True, False]

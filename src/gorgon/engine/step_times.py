@@ -3,9 +3,12 @@ trusts over its start-up estimate.
 
 The start-up table (`StepCost`) times bare forward passes; a real step also pays for the heads, LoRA
 adapters, longer contexts, sampling and acceptance. So the engine times every pure decode step and keeps,
-per number of decoding sequences, a running mean of the steps with drafts and of those without. The policy
-compares them once both exist and, now and then, runs a few steps of the choice it is not making, so that
-a mean it has stopped refreshing cannot keep a stale verdict forever. A load not measured yet borrows the
+per number of decoding sequences, the recent steps with drafts and those without; a step's cost is the
+fastest of its last few (`window`): on a shared machine, interference (CPU steal, other processes) only ever
+adds time, and a running mean of 3-5 noisy steps flipped verdicts near break-even (8 concurrent code
+requests, drafts ~0.8x: a dozen drafted steps whenever the mean dipped, *script*). The policy compares the
+two once both exist and, now and then, runs a few steps of the choice it is not making, so that a figure it
+has stopped refreshing cannot keep a stale verdict forever. A load not measured yet borrows the
 nearest measured load's ratio (`nearest_ratio`): loads pass quickly as requests come and go, and each one
 measured from scratch would pay for the wrong choice a few steps at a time.
 """
@@ -13,55 +16,56 @@ measured from scratch would pay for the wrong choice a few steps at a time.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 
 @dataclass
-class _Mean:
-    seconds: float
-    count: int = 1
+class _Recent:
+    samples: deque  # the last `window` step times (seconds)
+    count: int = 0  # steps recorded in all
 
 
 class StepTimes:
-    """Exponential moving means of step seconds keyed by (decoding sequences, speculated)."""
+    """Recent step seconds keyed by (decoding sequences, speculated); a key's cost is its fastest recent step."""
 
     def __init__(
         self,
-        alpha: float = 0.2,
+        window: int = 8,
         min_samples: int = 3,
         explore_every: int = 64,
         burst: int = 3,
         clear_margin: float = 1.1,
     ):
-        self.alpha = alpha  # weight of the newest step: a load's cost drifts as contexts grow
-        self.min_samples = min_samples  # before this many, a mean is not trusted
+        self.window = window  # recent steps kept per key: a load's cost drifts as contexts grow
+        self.min_samples = min_samples  # before this many, a figure is not trusted
         self.explore_every = explore_every  # decisions at one load between re-measurements of the other mode
         self.burst = burst  # decisions one re-measurement takes (the first step after a switch is atypical)
         # A throughput ratio beyond this (or its inverse) is a clear verdict. At 8 concurrent code requests
         # drafts measured 0.78x; under a 1.25 margin that was close, and its bursts every 64 steps cost ~2%.
         # (At 8 chat requests they measure ~0.5x: re-measured every 256 steps that still cost ~3%.)
         self.clear_margin = clear_margin
-        self._means: dict[tuple[int, bool], _Mean] = {}
+        self._recent: dict[tuple[int, bool], _Recent] = {}
         self._since: dict[int, int] = {}  # decisions at this load since the last exploration burst began
         self._exploring: dict[int, tuple[bool, int]] = {}  # load -> (mode explored, decisions left)
 
     def record(self, decoding: int, speculated: bool, seconds: float) -> None:
-        mean = self._means.get((decoding, speculated))
-        if mean is None:
-            self._means[(decoding, speculated)] = _Mean(seconds)
-        else:
-            mean.seconds += self.alpha * (seconds - mean.seconds)
-            mean.count += 1
+        key = (decoding, speculated)
+        if key not in self._recent:
+            self._recent[key] = _Recent(deque(maxlen=self.window))
+        recent = self._recent[key]
+        recent.samples.append(seconds)
+        recent.count += 1
 
     def seconds(self, decoding: int, speculated: bool) -> float | None:
-        """The mean step time at this load and mode, or None while it rests on too few steps."""
-        mean = self._means.get((decoding, speculated))
-        return mean.seconds if mean is not None and mean.count >= self.min_samples else None
+        """The step time at this load and mode (its fastest recent step), or None while too few were timed."""
+        recent = self._recent.get((decoding, speculated))
+        return min(recent.samples) if recent is not None and recent.count >= self.min_samples else None
 
     def nearest_ratio(self, decoding: int) -> tuple[int, float] | None:
         """(load, step time with drafts / without) at the nearest load where both are trusted (the lighter
         one on a tie), or None while there is none: what neighbouring loads say about an unmeasured one."""
-        loads = {d for d, _ in self._means}
+        loads = {d for d, _ in self._recent}
         measured = [
             d for d in loads if self.seconds(d, True) is not None and self.seconds(d, False) is not None
         ]
@@ -74,7 +78,7 @@ class StepTimes:
         """Whether to speculate at this load, given the policy's estimate of what drafts `gain` (throughput
         with / without them): yes when gain > 1, except during a short burst of the other choice now and
         then. A close call (gain within `clear_margin` of 1) measures the other choice at once while it has
-        no trusted mean, then every `explore_every` decisions; a clear one waits `explore_every` decisions
+        no trusted figure, then every `explore_every` decisions; a clear one waits `explore_every` decisions
         for a first measurement (a load that passes quickly never pays for one), then 4 x as long, times how
         many `clear_margin`s the verdict is from even (up to 8): re-measuring a 2x verdict costs the most and
         is the least likely to change it."""
