@@ -48,3 +48,23 @@ def test_main_writes_distill_input_without_benchmark_prompts(tmp_path, monkeypat
     held = [compose.words(p) for prompts in PROMPT_SETS.values() for p in prompts]
     held.append(compose.words("How does a solar panel work?"))
     assert not any(compose.too_close(t, held, 0.5) for t in texts)
+
+
+def test_an_earlier_output_can_be_excluded(tmp_path, monkeypatch):
+    """A second batch of requests keeps clear of the first: compose's own output (conversations) is a valid
+    --exclude file, as is a plain list of prompts."""
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    monkeypatch.setattr(sys, "argv", ["compose", str(first), "--n", "200", "--seed", "0"])
+    compose.main()
+    argv = ["compose", str(second), "--n", "200", "--seed", "1", "--exclude", str(first)]
+    monkeypatch.setattr(sys, "argv", argv)
+    compose.main()
+    earlier = [compose.words(c[0]["content"]) for c in json.loads(first.read_text())]
+    later = [c[0]["content"] for c in json.loads(second.read_text())]
+    assert len(later) == 200 and not any(compose.too_close(t, earlier, 0.5) for t in later)
+    assert compose.held_out_prompts(
+        ["a", [{"role": "system", "content": "s"}, {"role": "user", "content": "b"}]]
+    ) == [
+        "a",
+        "b",
+    ]

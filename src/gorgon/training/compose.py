@@ -557,6 +557,18 @@ def compose(
     return out
 
 
+def held_out_prompts(data: list) -> list[str]:
+    """The prompts of an `--exclude` file: a JSON list of prompts, or of conversations (their user turns;
+    this module's own output is one)."""
+    prompts: list[str] = []
+    for item in data:
+        if isinstance(item, str):
+            prompts.append(item)
+        else:
+            prompts += [m["content"] for m in item if m.get("role") == "user"]
+    return prompts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", help="JSON list of one-message conversations, for `gorgon distill`")
@@ -564,14 +576,18 @@ def main() -> None:
     parser.add_argument("--family", default="general", choices=sorted(FAMILIES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--exclude", action="append", default=[], help="JSON list of held-out prompts (repeatable)"
+        "--exclude",
+        action="append",
+        default=[],
+        help="JSON list of held-out prompts, or of conversations (repeatable)",
     )
     parser.add_argument("--exclude-threshold", type=float, default=0.5, help="word-set Jaccard")
     args = parser.parse_args()
     from gorgon.bench.prompts import PROMPT_SETS
 
     held_out = [p for prompts in PROMPT_SETS.values() for p in prompts]  # always held out
-    held_out += [p for f in args.exclude for p in json.loads(Path(f).read_text(encoding="utf-8"))]
+    for f in args.exclude:
+        held_out += held_out_prompts(json.loads(Path(f).read_text(encoding="utf-8")))
     texts = compose(args.n, args.family, args.seed, held_out, args.exclude_threshold)
     conversations = [[{"role": "user", "content": t}] for t in texts]
     Path(args.output).write_text(json.dumps(conversations, ensure_ascii=False, indent=1), encoding="utf-8")
