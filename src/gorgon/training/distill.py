@@ -49,7 +49,7 @@ class ReplayOptions:
     seed: int = 0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     model: str = ""  # what answers (server URL and model, or the in-process model id): recorded, not used
-    stop_loops: bool = False  # stream answers and stop each where a degenerate loop begins
+    stop_loops: bool = False  # stream answers; stop one stuck in a loop and keep the text before the loop
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -278,9 +278,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stop-loops",
         action="store_true",
-        help="stream each answer and stop it where a degenerate loop begins (a run of 8 words seen before), "
-        "keeping the text before it: what `python -m gorgon.training.prepare` would keep, without "
-        "generating the loop up to --max-tokens",
+        help="stream each answer and stop it once it is stuck in a loop (its last 48 eight-word runs all "
+        "seen before), keeping the text before the loop: where `python -m gorgon.training.prepare` cuts a "
+        "capped answer, without generating the loop up to --max-tokens",
     )
     p.add_argument("--retries", type=int, default=4, help="retries of a failed request")
     p.add_argument(
