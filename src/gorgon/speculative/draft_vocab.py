@@ -37,7 +37,7 @@ class DraftVocab:
         return len(self.ids)
 
     def logits(self, states: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-        """[n, H] head states -> [n, S] float32 logits over this vocabulary (the same values the full
+        """[..., H] head states -> [..., S] float32 logits over this vocabulary (the same values the full
         lm_head gives for these tokens; no bias: v2 heads share a bias-free lm_head)."""
         return self._projection_for(lm_head)(states).float()
 

@@ -43,8 +43,7 @@ def head_guesses(
         if vocab is None:
             logits = heads.logits(hidden, lm_head)
         else:  # the server drafts from this vocabulary only
-            states = heads.hidden_states(hidden)
-            logits = vocab.logits(states.reshape(-1, states.shape[-1]), lm_head).view(*states.shape[:-1], -1)
+            logits = vocab.logits(heads.hidden_states(hidden), lm_head)  # [T, K, S]
         if heads.ngrams is None or contexts is None:
             columns = logits.topk(top_k, dim=-1).indices
             return columns if vocab is None else vocab.tokens(columns)
