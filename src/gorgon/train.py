@@ -88,6 +88,22 @@ class MedusaArguments:
             "which Gorgon reranks the heads' drafts (other servers ignore the file)"
         },
     )
+    medusa_train_vocab: str = field(
+        default="full",
+        metadata={
+            "help": "full: the training softmax spans the whole vocabulary (the reference's loss); ngrams "
+            "(v2 with the n-gram table): only the table's tokens, the ones Gorgon drafts from, "
+            "cheaper per position. Validation always uses the whole vocabulary",
+            "choices": ["full", "ngrams"],
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.medusa_train_vocab == "ngrams" and (self.medusa_version != 2 or not self.medusa_ngram_table):
+            raise ValueError(
+                "--medusa_train_vocab ngrams trains v2 heads over their n-gram table's tokens: it needs "
+                "--medusa_version 2 and --medusa_ngram_table True."
+            )
 
 
 @dataclass

@@ -97,6 +97,16 @@ def test_conflicting_old_and_new_names(tmp_path, monkeypatch):
         parse_train_args(["--data_path", "d", "--warmup_ratio", "1.5"])
 
 
+def test_a_training_vocabulary_needs_v2_heads_with_their_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, _, medusa, _ = parse_train_args(["--data_path", "d", "--medusa_train_vocab", "ngrams"])
+    assert medusa.medusa_train_vocab == "ngrams"
+    assert parse_train_args(["--data_path", "d"])[2].medusa_train_vocab == "full"  # the reference's loss
+    for extra in (["--medusa_version", "1"], ["--medusa_ngram_table", "False"]):
+        with pytest.raises(ValueError, match="medusa_train_vocab"):
+            parse_train_args(["--data_path", "d", "--medusa_train_vocab", "ngrams", *extra])
+
+
 def test_gorgon_train_hands_its_argv_to_the_trainer_parser(monkeypatch):
     seen = {}
 

@@ -109,6 +109,52 @@ def test_training_lowers_the_loss_and_logs_each_head(trained):
     assert names and all(n.startswith("heads.") for n in names)
 
 
+def test_a_training_vocabulary_restricts_the_training_softmax_only():
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+    from gorgon.training.medusa_loss import medusa_loss
+    from gorgon.training.train_medusa import MedusaTrainingModel
+
+    torch.manual_seed(0)
+    V, H = 40, 16
+    lm = torch.randn(V, H)
+    heads = MedusaHeads.init_for_training(MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=H, vocab_size=V), lm)
+    torch.nn.init.normal_(heads.fc.weight, std=0.3)  # not the identity-like start
+    vocab = torch.tensor([1, 3, 5, 8, 13, 21, 34])
+    outside = torch.tensor([t for t in range(V) if t not in vocab])
+    hidden, labels = torch.randn(2, 9, H), outside[torch.randint(0, len(outside), (2, 9))]
+    labels[:, :2] = -100
+    labels[0, 4], labels[1, 6] = 3, 34  # some labels in the vocabulary, most of them outside it
+
+    model = MedusaTrainingModel(heads, lm, train_vocab=vocab).train()
+    index = {int(t): i for i, t in enumerate(vocab)}
+    mapped = labels.clone().apply_(lambda t: index.get(t, -100))
+    want = medusa_loss(heads, hidden, mapped, lm[vocab])
+    got = model(hidden, labels)
+    assert torch.equal(got["loss"], want.loss) and torch.equal(got["stats"], want.stats)
+    assert got["stats"][:, 2].sum(0).tolist() == [2, 2]  # each head trained on the 2 in-vocabulary labels
+
+    model.eval()  # validation: the whole vocabulary
+    full = medusa_loss(heads, hidden, labels, lm)
+    got = model(hidden, labels)
+    assert torch.equal(got["loss"], full.loss) and torch.equal(got["stats"], full.stats)
+
+    everything = MedusaTrainingModel(heads, lm, train_vocab=torch.arange(V)).train()
+    assert torch.equal(everything(hidden, labels)["loss"], full.loss)
+
+
+def test_training_over_the_ngram_vocabulary(tiny_model_dir, tmp_path):
+    data = write_conversations(tmp_path / "data.json")
+    argv = train_argv(tiny_model_dir, data, tmp_path / "out", "--medusa_num_heads", "2")
+    result = train_medusa(*parse_train_args([*argv, "--medusa_train_vocab", "ngrams"]))
+    train_logs = [h for h in result.log_history if "loss" in h]
+    assert train_logs[-1]["loss"] < 0.9 * train_logs[0]["loss"]
+    assert result.summary.eval_metrics["head0_top1"] > 0.2  # validated through the whole vocabulary
+    # The answers use only WORDS: the table knows every answer token, and far fewer than the vocabulary.
+    assert result.summary.train_vocab_coverage == 1.0
+    assert result.summary.train_vocab < resolve_checkpoint(str(tiny_model_dir)).config.vocab_size
+    assert "training softmax over the n-gram table's" in (result.output_dir / "README.md").read_text()
+
+
 def test_adapter_directory_loads_back_with_the_trained_logits(trained, tiny_model_dir):
     out = trained.output_dir
     files = {p.name for p in out.iterdir() if p.is_file()}

@@ -46,6 +46,8 @@ class TrainingSummary:
     eval_metrics: dict[str, float] = field(default_factory=dict)  # summarize()'s names, no eval_ prefix
     best_step: int | None = None
     ngram_contexts: int | None = None  # contexts in gorgon_ngrams.safetensors, when written
+    train_vocab: int | None = None  # tokens of the training softmax, when not the whole vocabulary
+    train_vocab_coverage: float | None = None  # fraction of the answer tokens among them
 
 
 def _hub_id(name: str) -> str | None:
@@ -116,6 +118,12 @@ def model_card(s: TrainingSummary) -> str:
         ),
         f"- {s.train_seconds:.1f} s ({s.ms_per_position:.3f} ms per position per epoch)",
     ]
+    if s.train_vocab is not None:
+        lines.append(
+            f"- training softmax over the n-gram table's {s.train_vocab} tokens (the ones Gorgon drafts from; "
+            f"{100 * (s.train_vocab_coverage or 0):.2f}% of the answer tokens), validation over the whole "
+            "vocabulary"
+        )
     if s.best_step is not None:
         lines.append(f"- heads kept from step {s.best_step} (best validation accepted tokens per step)")
     lines += ["", "## Validation", ""]

@@ -38,9 +38,20 @@ class MedusaTrainingModel(nn.Module):
 
     The lm_head weight is a plain attribute, not a buffer: it is not trained, not checkpointed, and not
     broadcast by DDP every step; it follows the inputs to their device.
+
+    With a training vocabulary (v2), training steps take the softmax over those tokens only: the rows of
+    lm_head they keep, and labels outside them ignored. The vocabulary projection is most of a step's cost
+    and Gorgon drafts from that vocabulary anyway (`speculative.draft_vocab`). Evaluation keeps the whole
+    vocabulary, so validation figures hold for servers that draft through the full lm_head.
     """
 
-    def __init__(self, heads: MedusaHeads, lm_head_weight: torch.Tensor, decay: float = HEAD_DECAY) -> None:
+    def __init__(
+        self,
+        heads: MedusaHeads,
+        lm_head_weight: torch.Tensor,
+        decay: float = HEAD_DECAY,
+        train_vocab: torch.Tensor | None = None,  # sorted token ids (v2 only)
+    ) -> None:
         super().__init__()
         self.heads = heads
         for module in heads.modules():
@@ -48,14 +59,29 @@ class MedusaTrainingModel(nn.Module):
                 module.use_kernel = False  # autocast and autograd need the plain BLAS path
         self.lm_head_weight = lm_head_weight.detach()
         self.decay = decay
+        self.train_weight: torch.Tensor | None = None
+        self.train_index: torch.Tensor | None = None  # token id -> its row in train_weight, or ignored
+        if train_vocab is not None:
+            if heads.has_own_lm_heads:
+                raise ValueError("a training vocabulary needs v2 heads (they share the frozen base lm_head)")
+            ids = train_vocab.to(torch.long)
+            self.train_weight = self.lm_head_weight[ids]
+            self.train_index = torch.full((lm_head_weight.shape[0],), IGNORE_INDEX, dtype=torch.long)
+            self.train_index[ids] = torch.arange(len(ids))
 
     def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         device = hidden_states.device
         if self.lm_head_weight.device != device:
             self.lm_head_weight = self.lm_head_weight.to(device)
+        weight = self.lm_head_weight
+        if self.training and self.train_weight is not None:
+            if self.train_weight.device != device:
+                self.train_weight, self.train_index = self.train_weight.to(device), self.train_index.to(device)
+            weight = self.train_weight
+            labels = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, self.train_index[labels.clamp_min(0)])
         autocast = torch.is_autocast_enabled(device.type)
         compute = torch.get_autocast_dtype(device.type) if autocast else torch.float32
-        out = medusa_loss(self.heads, hidden_states, labels, self.lm_head_weight, compute, self.decay)
+        out = medusa_loss(self.heads, hidden_states, labels, weight, compute, self.decay)
         return {"loss": out.loss, "stats": out.stats}
 
 
@@ -69,6 +95,12 @@ class HiddenStateDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"hidden_states": self.hidden[i], "labels": self.labels[i]}
+
+    def label_coverage(self, vocab: torch.Tensor) -> float:
+        """Fraction of the labelled (assistant) tokens that are in `vocab`."""
+        labels = torch.cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.long)
+        labels = labels[labels != IGNORE_INDEX]
+        return float(torch.isin(labels, vocab).float().mean()) if len(labels) else 1.0
 
     def num_positions(self, num_heads: int) -> int:
         """Positions some head has a label for: what one epoch runs through the heads."""
@@ -265,7 +297,16 @@ def train_medusa(model_args, data_args, medusa_args, args) -> TrainResult:
         base_model_name_or_path=base_name,
     )
     heads = MedusaHeads.init_for_training(medusa_config, lm_head_weight.float())
-    model = MedusaTrainingModel(heads, lm_head_weight, medusa_args.medusa_head_decay)
+    train_vocab, coverage = None, None
+    if medusa_args.medusa_train_vocab == "ngrams":
+        train_vocab = torch.from_numpy(data.ngrams.vocabulary())
+        coverage = data.train.label_coverage(train_vocab)
+        log.info(
+            "Training softmax over the n-gram table's %d tokens (%.2f%% of the answer tokens)",
+            len(train_vocab),
+            100 * coverage,
+        )
+    model = MedusaTrainingModel(heads, lm_head_weight, medusa_args.medusa_head_decay, train_vocab)
 
     if data.eval is None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
         log.warning("No validation conversations: evaluation during training is off")
@@ -327,6 +368,8 @@ def train_medusa(model_args, data_args, medusa_args, args) -> TrainResult:
         eval_metrics={k.removeprefix("eval_"): v for k, v in metrics.items()},
         best_step=best_step,
         ngram_contexts=len(data.ngrams) if data.ngrams is not None else None,
+        train_vocab=len(train_vocab) if train_vocab is not None else None,
+        train_vocab_coverage=coverage,
     )
     if trainer.is_world_process_zero():
         save_medusa_adapter(heads, out_dir, base_name)
