@@ -117,7 +117,9 @@ def test_a_training_vocabulary_restricts_the_training_softmax_only():
     torch.manual_seed(0)
     V, H = 40, 16
     lm = torch.randn(V, H)
-    heads = MedusaHeads.init_for_training(MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=H, vocab_size=V), lm)
+    heads = MedusaHeads.init_for_training(
+        MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=H, vocab_size=V), lm
+    )
     torch.nn.init.normal_(heads.fc.weight, std=0.3)  # not the identity-like start
     vocab = torch.tensor([1, 3, 5, 8, 13, 21, 34])
     outside = torch.tensor([t for t in range(V) if t not in vocab])

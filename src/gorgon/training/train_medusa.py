@@ -76,7 +76,10 @@ class MedusaTrainingModel(nn.Module):
         weight = self.lm_head_weight
         if self.training and self.train_weight is not None:
             if self.train_weight.device != device:
-                self.train_weight, self.train_index = self.train_weight.to(device), self.train_index.to(device)
+                self.train_weight, self.train_index = (
+                    self.train_weight.to(device),
+                    self.train_index.to(device),
+                )
             weight = self.train_weight
             labels = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, self.train_index[labels.clamp_min(0)])
         autocast = torch.is_autocast_enabled(device.type)
