@@ -11,11 +11,14 @@ needs_kernel = pytest.mark.skipif(
 HEADS, KV_HEADS, D, SLOTS = 6, 2, 32, 3000
 
 
-def _setup(seed=0):
+KV_DTYPES = pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["f32cache", "bf16cache"])
+
+
+def _setup(seed=0, kv_dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(SLOTS, KV_HEADS, D, generator=g)
     v = torch.randn(SLOTS, KV_HEADS, D, generator=g)
-    return k, v, g
+    return k.to(kv_dtype), v.to(kv_dtype), g
 
 
 def _run(q, k, v, seqs, use_kernel, window=None, groups=None):
@@ -41,9 +44,10 @@ def _run(q, k, v, seqs, use_kernel, window=None, groups=None):
 
 
 @needs_kernel
+@KV_DTYPES
 @pytest.mark.parametrize("window", [None, 40])
-def test_kernel_matches_pytorch_path(window):
-    k, v, g = _setup()
+def test_kernel_matches_pytorch_path(window, kv_dtype):
+    k, v, g = _setup(0, kv_dtype)
     perm = torch.randperm(SLOTS - 1, generator=g) + 1
     seqs = [
         (perm[:600].tolist(), range(590, 600)),
@@ -56,11 +60,12 @@ def test_kernel_matches_pytorch_path(window):
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
+@KV_DTYPES
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "pytorch"])
-def test_rows_do_not_depend_on_company(use_kernel):
-    if use_kernel and not kernel_available(torch.float32, torch.device("cpu")):
+def test_rows_do_not_depend_on_company(use_kernel, kv_dtype):
+    if use_kernel and not kernel_available(kv_dtype, torch.device("cpu")):
         pytest.skip("no kernel")
-    k, v, g = _setup(1)
+    k, v, g = _setup(1, kv_dtype)
     slots = (torch.randperm(SLOTS - 1, generator=g) + 1)[:700].tolist()
     q = torch.randn(8, HEADS, D, generator=g)
     alone = [_run(q[i : i + 1], k, v, [(slots, [500 + i])], use_kernel)[0] for i in range(8)]
@@ -79,12 +84,13 @@ def test_rows_do_not_depend_on_company(use_kernel):
 
 
 @needs_kernel
+@KV_DTYPES
 @pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("root", [255, 600, 1021])
-def test_tree_rows_sharing_a_prefix_match_rows_alone(window, root):
+def test_tree_rows_sharing_a_prefix_match_rows_alone(window, root, kv_dtype):
     """A sequence's row and its candidate-tree rows, tiled together (keys gathered once from the deepest row's
     slots), give exactly the bits each row gets alone, with the same keys, across block boundaries too."""
-    k, v, g = _setup(2)
+    k, v, g = _setup(2, kv_dtype)
     perm = (torch.randperm(SLOTS - 1, generator=g) + 1).tolist()
     prefix, node_slots = perm[: root + 1], perm[root + 1 : root + 9]
     ancestors = [[], [0], [0, 1], [0, 1, 2], [4], [4, 5]]  # tree nodes by their ancestors (node indices)
@@ -130,3 +136,19 @@ def test_kernel_head_layouts(heads, kv_heads, d):
         )
         out[use_kernel] = paged_attention(q, k, v, meta)
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 300])
+def test_a_bfloat16_cache_is_read_as_exactly_its_float32_values(window):
+    """Reading a bfloat16 cache widens each value exactly: the same bits as a float32 cache holding the
+    rounded values, for plain rows and for tree rows that re-score their own ancestors' keys."""
+    k, v, g = _setup(4, torch.bfloat16)
+    perm = (torch.randperm(SLOTS - 1, generator=g) + 1).tolist()
+    prefix, node = perm[:700], perm[700:703]
+    seqs = [(perm[1000:1600], range(590, 600)), (prefix, [699]), (prefix + node[:1], [700]), (prefix + node, [702])]
+    q = torch.randn(13, HEADS, D, generator=g)
+    groups = [0, 1, 1, 1]
+    assert torch.equal(
+        _run(q, k, v, seqs, True, window, groups), _run(q, k.float(), v.float(), seqs, True, window, groups)
+    )

@@ -45,3 +45,8 @@ def test_rope_store(dtype):
     torch.testing.assert_close(q, ref[:, :nh], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_cache[slots], ref[:, nh:], atol=1e-5, rtol=1e-5)
     assert torch.equal(v_cache[slots], qkv[:, (nh + nkv) * d :].view(T, nkv, d).float())
+    # A bfloat16 cache holds the same keys rounded to nearest even, and the values as they are.
+    k16, v16 = torch.zeros(20, nkv, d, dtype=torch.bfloat16), torch.zeros(20, nkv, d, dtype=torch.bfloat16)
+    q16 = cpu_extension().rope_store(qkv, cos, sin, k16, v16, slots, nh, nkv, d)
+    assert torch.equal(q16, q)
+    assert torch.equal(k16, k_cache.to(torch.bfloat16)) and torch.equal(v16, v_cache.to(torch.bfloat16))

@@ -13,9 +13,14 @@ from gorgon.models.attention import SCRATCH_SLOT
 
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Attention runs in float32. On a CPU memory is plentiful and a float32 cache saves two casts per layer;
-    on accelerators keep the serving dtype (half the memory)."""
-    return torch.float32 if device.type == "cpu" else dtype
+    """The serving dtype, as HF transformers keeps it: attention reads every cached key and value once per
+    step, so at high concurrency a bfloat16 cache halves what is the largest memory traffic after the weights
+    (values are the projection's own bfloat16 outputs; rotated keys are rounded to it once). Attention
+    arithmetic stays float32. Float16 on a CPU keeps a float32 cache: the CPU kernels read float32 or
+    bfloat16 only."""
+    if device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16):
+        return torch.float32
+    return dtype
 
 
 class KVCache:

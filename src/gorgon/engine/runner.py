@@ -52,7 +52,7 @@ class ModelRunner:
         self._last_lora: LoraBatch | None = None  # its kernel arguments serve the next step's same adapters
         # Without batch invariance (only to measure what it costs): plain BLAS, no row padding.
         self.rows = row_multiple(dtype, device) if batch_invariant else 1
-        # Attention, rotary and norm kernels need a float32 cache and a bfloat16/float32 model.
+        # Attention, rotary and norm kernels need a float32 or bfloat16 cache and a bfloat16/float32 model.
         self.attention_kernel = (
             batch_invariant
             and dtype in (torch.bfloat16, torch.float32)

@@ -1,4 +1,5 @@
-// Paged attention for CPUs with AVX-512, float32.
+// Paged attention for CPUs with AVX-512: float32 arithmetic over a float32 or bfloat16 key-value cache (bfloat16
+// keys and values are widened exactly on load, so a cache type changes only what was stored, never the math).
 //
 // Each (query row, head) is computed by the same arithmetic whatever else is in the batch: keys are visited in
 // logical position order in fixed blocks of kBlock positions aligned at 0; a key's score is one fused
@@ -48,10 +49,19 @@ inline __m512 exp_neg(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 16 cache values as float32 (bfloat16 widens exactly: its bits are the top half of a float32).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
 // The score chain of one key, scalar: exactly what one lane of the vector chain computes.
-inline float score_one(const float* q, const float* k, int64_t d) {
+template <typename KV>
+inline float score_one(const float* q, const KV* k, int64_t d) {
   float acc = 0.f;
-  for (int64_t i = 0; i < d; ++i) acc = std::fma(q[i], k[i], acc);
+  for (int64_t i = 0; i < d; ++i) acc = std::fma(q[i], to_float(k[i]), acc);
   return acc;
 }
 
@@ -93,16 +103,16 @@ inline void score_chunks(const float* const* q, const float* kt, int64_t d, int6
 }
 
 // out[h][i0 : i0 + 16 NU] += sum_j e[h][j] v_j for keys [s0, s1), in key order, HB heads sharing each value load.
-template <int HB, int NU>
-inline void accumulate_piece(float* const* out, const float* e, const float* v_base, const int64_t* slots,
+template <int HB, int NU, typename KV>
+inline void accumulate_piece(float* const* out, const float* e, const KV* v_base, const int64_t* slots,
                              int64_t stride, int64_t i0, int64_t s0, int64_t s1) {
   __m512 acc[HB][NU];
   for (int h = 0; h < HB; ++h)
     for (int u = 0; u < NU; ++u) acc[h][u] = _mm512_loadu_ps(out[h] + i0 + u * kLanes);
   for (int64_t j = s0; j < s1; ++j) {
-    const float* v = v_base + slots[j] * stride + i0;
+    const KV* v = v_base + slots[j] * stride + i0;
     __m512 vv[NU];
-    for (int u = 0; u < NU; ++u) vv[u] = _mm512_loadu_ps(v + u * kLanes);
+    for (int u = 0; u < NU; ++u) vv[u] = load16(v + u * kLanes);
     for (int h = 0; h < HB; ++h) {
       const __m512 p = _mm512_set1_ps(e[h * kBlock + j]);
       for (int u = 0; u < NU; ++u) acc[h][u] = _mm512_fmadd_ps(p, vv[u], acc[h][u]);
@@ -113,23 +123,24 @@ inline void accumulate_piece(float* const* out, const float* e, const float* v_b
 }
 
 // out[h] += sum_j e[h][j] v_j over the whole head dimension (d % 16 == 0), 64 columns at a time.
-template <int HB>
-inline void accumulate_values(float* const* out, const float* e, const float* v_base, const int64_t* slots,
+template <int HB, typename KV>
+inline void accumulate_values(float* const* out, const float* e, const KV* v_base, const int64_t* slots,
                               int64_t stride, int64_t d, int64_t s0, int64_t s1) {
   int64_t i0 = 0;
-  for (; i0 + 4 * kLanes <= d; i0 += 4 * kLanes) accumulate_piece<HB, 4>(out, e, v_base, slots, stride, i0, s0, s1);
+  for (; i0 + 4 * kLanes <= d; i0 += 4 * kLanes) accumulate_piece<HB, 4, KV>(out, e, v_base, slots, stride, i0, s0, s1);
   switch ((d - i0) / kLanes) {
-    case 3: accumulate_piece<HB, 3>(out, e, v_base, slots, stride, i0, s0, s1); break;
-    case 2: accumulate_piece<HB, 2>(out, e, v_base, slots, stride, i0, s0, s1); break;
-    case 1: accumulate_piece<HB, 1>(out, e, v_base, slots, stride, i0, s0, s1); break;
+    case 3: accumulate_piece<HB, 3, KV>(out, e, v_base, slots, stride, i0, s0, s1); break;
+    case 2: accumulate_piece<HB, 2, KV>(out, e, v_base, slots, stride, i0, s0, s1); break;
+    case 1: accumulate_piece<HB, 1, KV>(out, e, v_base, slots, stride, i0, s0, s1); break;
     default: break;
   }
 }
 
 // out[i * out_stride + j] = rows[j][i] for a 16 x 16 tile (in-register transpose).
-inline void transpose16(const float* const* rows, float* out, int64_t out_stride) {
+template <typename KV>
+inline void transpose16(const KV* const* rows, float* out, int64_t out_stride) {
   __m512 r[16], t[16];
-  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(rows[j]);
+  for (int j = 0; j < 16; ++j) r[j] = load16(rows[j]);
   for (int j = 0; j < 16; j += 2) {
     t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
     t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
@@ -153,9 +164,10 @@ inline void transpose16(const float* const* rows, float* out, int64_t out_stride
 }
 
 // kt[c][i][lane] for positions [g0, g1) of `slots`; lanes outside the range read `zeros` (d zero floats).
-inline void gather_transposed(const float* k_base, const int64_t* slots, int64_t stride, int64_t d, int64_t g0,
-                              int64_t g1, const float* zeros, float* kt) {
-  const float* rows[16];
+template <typename KV>
+inline void gather_transposed(const KV* k_base, const int64_t* slots, int64_t stride, int64_t d, int64_t g0,
+                              int64_t g1, const KV* zeros, float* kt) {
+  const KV* rows[16];
   for (int64_t c = g0 / kLanes; c * kLanes < g1; ++c) {
     const int64_t j0 = c * kLanes;
     for (int64_t j = 0; j < kLanes; ++j)
@@ -172,8 +184,10 @@ struct RowState {
   float denom = 0.f;
 };
 
+template <typename KV>
 struct Args {
-  const float *q, *k, *v;
+  const float* q;
+  const KV *k, *v;
   const int64_t *seq, *pos, *table;
   int64_t n_heads, n_kv, d, C, window;
   float scale;
@@ -210,8 +224,8 @@ inline float merge_block(float* scores, int64_t s0, int64_t s1, float scale_f, R
 
 // One block of one row for HB of its heads (query heads h0.. of key-value head kv): scores, softmax merge,
 // value accumulation into out.
-template <int HB>
-void attend_block(const Args& a, int64_t t, int64_t h0, const int64_t* own, const int64_t* leader, const float* kt,
+template <int HB, typename KV>
+void attend_block(const Args<KV>& a, int64_t t, int64_t h0, const int64_t* own, const int64_t* leader, const float* kt,
                   int64_t b0, int64_t s0, int64_t s1, int64_t kv, RowState* st, float* scores) {
   const int64_t d = a.d, stride = a.n_kv * d;
   const float* q[HB];
@@ -232,7 +246,8 @@ void attend_block(const Args& a, int64_t t, int64_t h0, const int64_t* own, cons
   accumulate_values<HB>(out, scores, a.v + kv * d, own + b0, stride, d, s0, s1);
 }
 
-void attend_heads(const Args& a, int64_t t, int64_t h0, int64_t nh, const int64_t* own, const int64_t* leader,
+template <typename KV>
+void attend_heads(const Args<KV>& a, int64_t t, int64_t h0, int64_t nh, const int64_t* own, const int64_t* leader,
                   const float* kt, int64_t b0, int64_t s0, int64_t s1, int64_t kv, RowState* st, float* scores) {
   for (; nh >= 4; nh -= 4, h0 += 4, st += 4) attend_block<4>(a, t, h0, own, leader, kt, b0, s0, s1, kv, st, scores);
   if (nh == 3) attend_block<3>(a, t, h0, own, leader, kt, b0, s0, s1, kv, st, scores);
@@ -241,8 +256,9 @@ void attend_heads(const Args& a, int64_t t, int64_t h0, int64_t nh, const int64_
 }
 
 // One work item: the rows `rows` (one tile of a group) with every query head of key-value head `kv`.
-void attend_tile(const Args& a, const int64_t* rows, int64_t n, int64_t kv, std::vector<float>& kt,
-                 std::vector<float>& scores, const std::vector<float>& zeros, std::vector<RowState>& state) {
+template <typename KV>
+void attend_tile(const Args<KV>& a, const int64_t* rows, int64_t n, int64_t kv, std::vector<float>& kt,
+                 std::vector<float>& scores, const std::vector<KV>& zeros, std::vector<RowState>& state) {
   const int64_t rep = a.n_heads / a.n_kv, d = a.d, stride = a.n_kv * d;
   int64_t leader = rows[0], lo_min = std::numeric_limits<int64_t>::max();
   auto lo_of = [&](int64_t t) { return a.window > 0 ? std::max<int64_t>(0, a.pos[t] - a.window + 1) : 0; };
@@ -276,17 +292,33 @@ void attend_tile(const Args& a, const int64_t* rows, int64_t n, int64_t kv, std:
     }
 }
 
+// Every (tile, key-value head) work item, spread over the threads.
+template <typename KV>
+void attend_all(const Args<KV>& a, const std::vector<std::pair<const int64_t*, int64_t>>& tiles) {
+  const int64_t items = (int64_t)tiles.size() * a.n_kv;
+  at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> kt(a.d * kBlock), scores(4 * kBlock);
+    std::vector<KV> zeros(a.d, KV(0.f));
+    std::vector<RowState> state;
+    for (int64_t w = w0; w < w1; ++w) {
+      const auto& tile = tiles[w / a.n_kv];
+      attend_tile(a, tile.first, tile.second, w % a.n_kv, kt, scores, zeros, state);
+    }
+  });
+}
+
 }  // namespace
 
-// q [T, n_heads, d] float32; k_cache, v_cache [S, n_kv, d] float32; row_seq [T] (-1: padding row, output 0);
-// row_pos [T]; slot_table [B, C]; row_group [T]: rows that share a key prefix (same id) are tiled together;
+// q [T, n_heads, d] float32; k_cache, v_cache [S, n_kv, d] float32 or bfloat16 (both alike); row_seq [T] (-1:
+// padding row, output 0); row_pos [T]; slot_table [B, C]; row_group [T]: rows that share a key prefix (same id) are tiled together;
 // window: sliding window (0: none). Returns [T, n_heads, d] float32.
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor row_seq,
                               torch::Tensor row_pos, torch::Tensor slot_table, torch::Tensor row_group,
                               int64_t window, double scale) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
-                  v_cache.scalar_type() == torch::kFloat32,
-              "paged_attention: float32 only");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32, "paged_attention: float32 queries only");
+  const auto kv_type = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == kv_type && (kv_type == torch::kFloat32 || kv_type == torch::kBFloat16),
+              "paged_attention: float32 or bfloat16 caches only");
   q = q.contiguous();
   row_seq = row_seq.contiguous();
   row_pos = row_pos.contiguous();
@@ -297,15 +329,13 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(row_group.numel() == T, "paged_attention: row_group must have one entry per row");
   TORCH_CHECK(d % kLanes == 0, "paged_attention: head_dim must be a multiple of 16");
   auto out = torch::zeros_like(q);
-  Args a{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), row_seq.data_ptr<int64_t>(),
-         row_pos.data_ptr<int64_t>(), slot_table.data_ptr<int64_t>(), n_heads, n_kv, d, slot_table.size(1), window,
-         (float)scale, out.data_ptr<float>()};
+  const int64_t* seq = row_seq.data_ptr<int64_t>();
   // Tiles: each group's rows (in row order), kTileRows at a time.
   const int64_t* group = row_group.data_ptr<int64_t>();
   std::vector<std::vector<int64_t>> by_group;
   std::vector<int64_t> index_of;  // group id -> position in by_group
   for (int64_t t = 0; t < T; ++t) {
-    if (a.seq[t] < 0) continue;
+    if (seq[t] < 0) continue;
     const int64_t g = group[t];
     TORCH_CHECK(g >= 0 && g < T, "paged_attention: group ids must lie in [0, T)");
     if ((int64_t)index_of.size() <= g) index_of.resize(g + 1, -1);
@@ -324,14 +354,16 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       start += size;
     }
   }
-  const int64_t items = (int64_t)tiles.size() * n_kv;
-  at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> kt(d * kBlock), scores(4 * kBlock), zeros(d, 0.f);
-    std::vector<RowState> state;
-    for (int64_t w = w0; w < w1; ++w) {
-      const auto& tile = tiles[w / n_kv];
-      attend_tile(a, tile.first, tile.second, w % n_kv, kt, scores, zeros, state);
-    }
-  });
+  if (kv_type == torch::kBFloat16)
+    attend_all<c10::BFloat16>(Args<c10::BFloat16>{q.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(),
+                                                  v_cache.data_ptr<c10::BFloat16>(), seq, row_pos.data_ptr<int64_t>(),
+                                                  slot_table.data_ptr<int64_t>(), n_heads, n_kv, d, slot_table.size(1),
+                                                  window, (float)scale, out.data_ptr<float>()},
+                              tiles);
+  else
+    attend_all<float>(Args<float>{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), seq,
+                                  row_pos.data_ptr<int64_t>(), slot_table.data_ptr<int64_t>(), n_heads, n_kv, d,
+                                  slot_table.size(1), window, (float)scale, out.data_ptr<float>()},
+                      tiles);
   return out;
 }

@@ -49,7 +49,7 @@ void add_rms_norm_impl(torch::Tensor& x, torch::Tensor& residual, const torch::T
   });
 }
 
-template <typename T>
+template <typename T, typename C>
 void rope_store_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                      torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots, torch::Tensor& q_out,
                      int64_t nh, int64_t nkv, int64_t d) {
@@ -59,8 +59,8 @@ void rope_store_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const t
   const float* s = sin.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   float* q = q_out.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  C* kc = k_cache.data_ptr<C>();
+  C* vc = v_cache.data_ptr<C>();
   at::parallel_for(0, T_, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = src + r * width;
@@ -68,18 +68,31 @@ void rope_store_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const t
       const float* sr = s + r * d;
       for (int64_t h = 0; h < nh + nkv; ++h) {
         const T* x = row + h * d;
-        float* dst = h < nh ? q + (r * nh + h) * d : kc + (slot[r] * nkv + (h - nh)) * d;
         for (int64_t i = 0; i < d; ++i) {
           // rotate-half: the first half pairs with minus the second half, and back.
           const float rotated = i < half ? -to_f(x[i + half]) : to_f(x[i - half]);
-          dst[i] = to_f(x[i]) * cr[i] + rotated * sr[i];
+          const float value = to_f(x[i]) * cr[i] + rotated * sr[i];
+          if (h < nh)
+            q[(r * nh + h) * d + i] = value;
+          else
+            kc[(slot[r] * nkv + (h - nh)) * d + i] = static_cast<C>(value);  // a bfloat16 cache rounds to nearest even
         }
       }
       const T* v = row + (nh + nkv) * d;
-      float* vdst = vc + slot[r] * nkv * d;
-      for (int64_t i = 0; i < nkv * d; ++i) vdst[i] = to_f(v[i]);
+      C* vdst = vc + slot[r] * nkv * d;
+      for (int64_t i = 0; i < nkv * d; ++i) vdst[i] = static_cast<C>(to_f(v[i]));
     }
   });
+}
+
+template <typename T>
+void rope_store_into(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                     torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots, torch::Tensor& q_out,
+                     int64_t nh, int64_t nkv, int64_t d) {
+  if (k_cache.scalar_type() == torch::kBFloat16)
+    rope_store_impl<T, c10::BFloat16>(qkv, cos, sin, k_cache, v_cache, slots, q_out, nh, nkv, d);
+  else
+    rope_store_impl<T, float>(qkv, cos, sin, k_cache, v_cache, slots, q_out, nh, nkv, d);
 }
 
 }  // namespace
@@ -105,17 +118,18 @@ torch::Tensor add_rms_norm(c10::optional<torch::Tensor> x_opt, torch::Tensor res
 // Writes rotated k and v at `slots`, returns rotated q [T, nh, d] float32.
 torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                          torch::Tensor v_cache, torch::Tensor slots, int64_t nh, int64_t nkv, int64_t d) {
-  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && v_cache.scalar_type() == torch::kFloat32,
-              "rope_store: float32 caches only");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == torch::kFloat32 || k_cache.scalar_type() == torch::kBFloat16),
+              "rope_store: float32 or bfloat16 caches only");
   qkv = qkv.contiguous();
   cos = cos.contiguous();
   sin = sin.contiguous();
   slots = slots.contiguous();
   auto q = torch::empty({qkv.size(0), nh, d}, qkv.options().dtype(torch::kFloat32));
   if (qkv.scalar_type() == torch::kBFloat16)
-    rope_store_impl<c10::BFloat16>(qkv, cos, sin, k_cache, v_cache, slots, q, nh, nkv, d);
+    rope_store_into<c10::BFloat16>(qkv, cos, sin, k_cache, v_cache, slots, q, nh, nkv, d);
   else if (qkv.scalar_type() == torch::kFloat32)
-    rope_store_impl<float>(qkv, cos, sin, k_cache, v_cache, slots, q, nh, nkv, d);
+    rope_store_into<float>(qkv, cos, sin, k_cache, v_cache, slots, q, nh, nkv, d);
   else
     TORCH_CHECK(false, "rope_store: bfloat16 or float32 only");
   return q;

@@ -6,7 +6,8 @@ positions, aligned at 0, and combined with an online softmax in block order. A b
 the same shapes, keys past a row's position are masked to exact zeros, and fully masked blocks leave the
 running state bitwise untouched. So a row's result depends only on its own context, never on how many rows,
 sequences or blocks are computed with it: a decode row, a prefill row and a verification row at the same
-position give the same bits. Arithmetic is float32 whatever the serving dtype.
+position give the same bits. Arithmetic is float32 whatever the serving dtype and the cache's dtype (a bfloat16
+cache is widened exactly as it is read).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def paged_attention(
 
 
 def kernel_available(kv_dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and kv_dtype == torch.float32 and cpu_extension() is not None
+    return device.type == "cpu" and kv_dtype in (torch.float32, torch.bfloat16) and cpu_extension() is not None
 
 
 def _blocked_attention(q, k_cache, v_cache, meta: BlockedLayout) -> torch.Tensor:
