@@ -152,3 +152,12 @@ def test_a_bfloat16_cache_is_read_as_exactly_its_float32_values(window):
     assert torch.equal(
         _run(q, k, v, seqs, True, window, groups), _run(q, k.float(), v.float(), seqs, True, window, groups)
     )
+
+
+@needs_kernel
+def test_a_position_beyond_the_slot_table_is_an_error_not_a_crash():
+    k, v, _ = _setup(5)
+    meta = AttentionMetadata.build([[0]], [[10]], [list(range(1, 12))], [0], HEADS // KV_HEADS, None, True, torch.device("cpu"))
+    meta.row_pos[0] = meta.slot_table.shape[1]  # past the table's columns
+    with pytest.raises(RuntimeError, match="beyond the slot table"):
+        paged_attention(torch.randn(1, HEADS, D), k, v, meta)

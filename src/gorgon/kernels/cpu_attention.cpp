@@ -263,7 +263,6 @@ void attend_tile(const Args<KV>& a, const int64_t* rows, int64_t n, int64_t kv, 
   int64_t leader = rows[0], lo_min = std::numeric_limits<int64_t>::max();
   auto lo_of = [&](int64_t t) { return a.window > 0 ? std::max<int64_t>(0, a.pos[t] - a.window + 1) : 0; };
   for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK(a.pos[rows[r]] < a.C, "paged_attention: position beyond the slot table");
     if (a.pos[rows[r]] > a.pos[leader]) leader = rows[r];
     lo_min = std::min(lo_min, lo_of(rows[r]));
   }
@@ -292,19 +291,33 @@ void attend_tile(const Args<KV>& a, const int64_t* rows, int64_t n, int64_t kv, 
     }
 }
 
-// Every (tile, key-value head) work item, spread over the threads.
+// Every (tile, key-value head) work item, spread over the threads: costliest first (keys read x rows), each
+// thread taking the next item when it is done. Items cost very different amounts when contexts differ (a long
+// prompt's prefill beside short decodes), and an even split of the item range left one core idle for much of
+// the call. Items write disjoint outputs, so the order changes no result.
 template <typename KV>
 void attend_all(const Args<KV>& a, const std::vector<std::pair<const int64_t*, int64_t>>& tiles) {
+  std::vector<int64_t> cost(tiles.size()), order(tiles.size());
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    int64_t hi = 0;
+    for (int64_t r = 0; r < tiles[i].second; ++r) hi = std::max(hi, a.pos[tiles[i].first[r]]);
+    cost[i] = (hi + kBlock) * (tiles[i].second + 4);  // key blocks gathered, plus every row's scoring
+    order[i] = (int64_t)i;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
   const int64_t items = (int64_t)tiles.size() * a.n_kv;
-  at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+  const int threads = (int)std::min<int64_t>(at::get_num_threads(), items);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
     std::vector<float> kt(a.d * kBlock), scores(4 * kBlock);
     std::vector<KV> zeros(a.d, KV(0.f));
     std::vector<RowState> state;
-    for (int64_t w = w0; w < w1; ++w) {
-      const auto& tile = tiles[w / a.n_kv];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < items; ++w) {
+      const auto& tile = tiles[order[w / a.n_kv]];
       attend_tile(a, tile.first, tile.second, w % a.n_kv, kt, scores, zeros, state);
     }
-  });
+  }
 }
 
 }  // namespace
@@ -336,6 +349,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   std::vector<int64_t> index_of;  // group id -> position in by_group
   for (int64_t t = 0; t < T; ++t) {
     if (seq[t] < 0) continue;
+    // Checked here: an exception cannot leave the parallel region below.
+    TORCH_CHECK(row_pos.data_ptr<int64_t>()[t] < slot_table.size(1), "paged_attention: position beyond the slot table");
     const int64_t g = group[t];
     TORCH_CHECK(g >= 0 && g < T, "paged_attention: group ids must lie in [0, T)");
     if ((int64_t)index_of.size() <= g) index_of.resize(g + 1, -1);
