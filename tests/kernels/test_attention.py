@@ -11,7 +11,9 @@ needs_kernel = pytest.mark.skipif(
 HEADS, KV_HEADS, D, SLOTS = 6, 2, 32, 3000
 
 
-KV_DTYPES = pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["f32cache", "bf16cache"])
+KV_DTYPES = pytest.mark.parametrize(
+    "kv_dtype", [torch.float32, torch.bfloat16], ids=["f32cache", "bf16cache"]
+)
 
 
 def _setup(seed=0, kv_dtype=torch.float32):
@@ -146,7 +148,12 @@ def test_a_bfloat16_cache_is_read_as_exactly_its_float32_values(window):
     k, v, g = _setup(4, torch.bfloat16)
     perm = (torch.randperm(SLOTS - 1, generator=g) + 1).tolist()
     prefix, node = perm[:700], perm[700:703]
-    seqs = [(perm[1000:1600], range(590, 600)), (prefix, [699]), (prefix + node[:1], [700]), (prefix + node, [702])]
+    seqs = [
+        (perm[1000:1600], range(590, 600)),
+        (prefix, [699]),
+        (prefix + node[:1], [700]),
+        (prefix + node, [702]),
+    ]
     q = torch.randn(13, HEADS, D, generator=g)
     groups = [0, 1, 1, 1]
     assert torch.equal(
@@ -157,7 +164,9 @@ def test_a_bfloat16_cache_is_read_as_exactly_its_float32_values(window):
 @needs_kernel
 def test_a_position_beyond_the_slot_table_is_an_error_not_a_crash():
     k, v, _ = _setup(5)
-    meta = AttentionMetadata.build([[0]], [[10]], [list(range(1, 12))], [0], HEADS // KV_HEADS, None, True, torch.device("cpu"))
+    meta = AttentionMetadata.build(
+        [[0]], [[10]], [list(range(1, 12))], [0], HEADS // KV_HEADS, None, True, torch.device("cpu")
+    )
     meta.row_pos[0] = meta.slot_table.shape[1]  # past the table's columns
     with pytest.raises(RuntimeError, match="beyond the slot table"):
         paged_attention(torch.randn(1, HEADS, D), k, v, meta)

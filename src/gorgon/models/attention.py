@@ -153,7 +153,9 @@ def paged_attention(
 
 
 def kernel_available(kv_dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and kv_dtype in (torch.float32, torch.bfloat16) and cpu_extension() is not None
+    return (
+        device.type == "cpu" and kv_dtype in (torch.float32, torch.bfloat16) and cpu_extension() is not None
+    )
 
 
 def _blocked_attention(q, k_cache, v_cache, meta: BlockedLayout) -> torch.Tensor:
