@@ -50,3 +50,7 @@ def test_bfloat16_states_and_disk_cache(tiny_model_dir, tmp_path, monkeypatch):
     cached_hidden_states(model, seqs[:2], tmp_path, "key")  # other data: another file
     cached_hidden_states(model, seqs, tmp_path, "other model")
     assert len(list(tmp_path.glob("hidden-*.safetensors"))) == 3
+    # States computed over another KV cache dtype (float32 on CPUs before session 6) are not these.
+    monkeypatch.setattr("gorgon.training.features.kv_cache_dtype", lambda dtype, device: torch.float32)
+    cached_hidden_states(model, seqs, tmp_path, "key")
+    assert len(list(tmp_path.glob("hidden-*.safetensors"))) == 4

@@ -115,14 +115,16 @@ def cached_hidden_states(
     model_key: str,
     max_rows: int = 2048,
 ) -> list[torch.Tensor]:
-    """`hidden_states`, read from / written to `cache_dir` (when given) under a key of the model, its dtype
-    and the exact token ids, so a changed model, dtype or dataset never reads stale states."""
+    """`hidden_states`, read from / written to `cache_dir` (when given) under a key of the model, its dtype,
+    its KV cache's dtype and the exact token ids, so a changed model, dtype or dataset never reads stale
+    states."""
     if cache_dir is None:
         return hidden_states(model, sequences, max_rows)
     from safetensors.torch import load_file, save_file
 
     dtype = model.embed_tokens.weight.dtype
-    digest = hashlib.sha256(json.dumps([FEATURES_FORMAT, model_key, str(dtype)]).encode())
+    kv_dtype = kv_cache_dtype(dtype, model.embed_tokens.weight.device)  # the states depend on it too
+    digest = hashlib.sha256(json.dumps([FEATURES_FORMAT, model_key, str(dtype), str(kv_dtype)]).encode())
     for seq in sequences:
         digest.update(torch.tensor(list(seq), dtype=torch.int64).numpy().tobytes())
         digest.update(b"|")
