@@ -163,7 +163,7 @@ inline void transpose16(const KV* const* rows, float* out, int64_t out_stride) {
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * out_stride, r[i]);
 }
 
-// kt[c][i][lane] for positions [g0, g1) of `slots`; lanes outside the range read `zeros` (d zero floats).
+// kt[c][i][lane] for positions [g0, g1) of `slots`; lanes outside the range read `zeros` (d zeros of the cache type).
 template <typename KV>
 inline void gather_transposed(const KV* k_base, const int64_t* slots, int64_t stride, int64_t d, int64_t g0,
                               int64_t g1, const KV* zeros, float* kt) {
