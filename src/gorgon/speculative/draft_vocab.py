@@ -6,8 +6,8 @@ lm_head call cost 2.4 ms instead of 1.3 (*script*, this CPU). Drafts are only pr
 self-distilled answers never used twice is one the heads hardly ever guess right; so heads that carry an
 n-gram table draft from the tokens that table knows, through a copy of those lm_head rows (9824 of 49152
 for the shipped general adapter, 5976 for the code adapter). The n-gram node's prompt-lookup tokens come
-from the request's own text, not from this vocabulary, so copying rare words from the prompt stays possible. Verification always uses the
-full lm_head: outputs never depend on this.
+from the request's own text, not from this vocabulary, so copying rare words from the prompt stays possible.
+Verification always uses the full lm_head: outputs never depend on this.
 """
 
 from __future__ import annotations
