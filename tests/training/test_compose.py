@@ -1,4 +1,5 @@
 import json
+import random
 import sys
 
 import pytest
@@ -68,3 +69,33 @@ def test_an_earlier_output_can_be_excluded(tmp_path, monkeypatch):
         "a",
         "b",
     ]
+
+
+def test_follow_ups_add_a_fitting_second_turn_and_leave_first_turns_alone():
+    texts = compose.compose(400, seed=0)
+    none = compose.conversations(texts, 0.0)
+    assert none == [[{"role": "user", "content": t}] for t in texts]
+    convs = compose.conversations(texts, 0.5, seed=0)
+    assert [c[0]["content"] for c in convs] == texts
+    assert convs == compose.conversations(texts, 0.5, seed=0)
+    two = [c for c in convs if len(c) == 2]
+    assert 150 < len(two) < 250 and all(c[1]["role"] == "user" for c in two)
+    assert all(len(c) == 2 for c in compose.conversations(texts, 1.0))
+    rng = random.Random(0)
+    assert compose.follow_up("Write a limerick about the moon.", rng) in compose.CREATIVE_FOLLOW_UPS
+    code = compose.follow_up("Write a Python function that sorts a list.", rng)
+    assert code in compose.CODE_FOLLOW_UPS + compose.FOLLOW_UPS
+    assert compose.follow_up("How does a compass work?", rng) in compose.FOLLOW_UPS
+    # A second turn too close to a held-out prompt is left out.
+    held = list(compose.FOLLOW_UPS) + list(compose.CREATIVE_FOLLOW_UPS) + list(compose.CODE_FOLLOW_UPS)
+    assert all(len(c) == 1 for c in compose.conversations(texts, 1.0, exclude=held))
+
+
+def test_main_follow_ups_are_replayable_conversations(tmp_path, monkeypatch):
+    out = tmp_path / "p.json"
+    argv = ["compose", str(out), "--n", "50", "--follow-ups", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    compose.main()
+    dataset = load_conversations(out)
+    assert len(dataset.conversations) == 50 and not dataset.invalid
+    assert all([m["role"] for m in c.messages] == ["user", "user"] for c in dataset.conversations)

@@ -50,3 +50,20 @@ def test_a_finished_answer_that_repeats_a_phrase_is_not_stuck():
     assert loop_start(answer) is not None  # prepare would cut it, were it capped...
     watch = LoopWatch(every=1)
     assert all(watch.feed(w + " ") is None for w in answer.split())  # ...but it is never stuck
+
+
+def test_prepare_cuts_each_answer_by_its_own_flag_and_reads_old_records():
+    conv = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": LOOP},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": LOOP},
+    ]
+    (first_cut,), _ = prepare([{"messages": conv, "truncated": True, "truncated_turns": [True, False]}], set())
+    assert first_cut[1]["content"] != LOOP and first_cut[3]["content"] == LOOP
+    # A record written before per-answer flags: its flag is the last answer's (as single-turn runs were).
+    (old,), _ = prepare([{"messages": conv, "truncated": True}], set())
+    assert old[1]["content"] == LOOP and old[3]["content"] != LOOP
+    # Any answer too short drops the conversation.
+    short = conv[:3] + [{"role": "assistant", "content": "ok"}]
+    assert prepare([{"messages": short[:2] + conv[2:]}, {"messages": short}], set())[1]["dropped_short"] == 1

@@ -180,7 +180,27 @@ def test_stop_loops_streams_and_keeps_what_prepare_would_keep(fake_url, fake_ope
     records = [json.loads(line) for line in (tmp_path / "out.json.done.jsonl").read_text().splitlines()]
     cut = {r["messages"][0]["content"]: r["truncated"] for r in records}
     assert cut == {f"{LOOP} please": True, "Plain": False}
+    assert {r["messages"][0]["content"]: r["truncated_turns"] for r in records} == {
+        f"{LOOP} please": [True],
+        "Plain": [False],
+    }
     assert all(r["settings"]["stop_loops"] is True for r in records)
+
+
+def test_each_answer_of_a_conversation_records_whether_it_was_cut(fake_url, fake_openai, tmp_path):
+    """A second turn after a looping first answer: the record says which answer was stopped, so `prepare`
+    cuts the loop out of that one and leaves the other alone."""
+    from gorgon.training.prepare import loop_start, prepare
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [sharegpt(f"{LOOP} please", "Shorter?")])
+    out = tmp_path / "out.json"
+    assert distill(fake_url, inp, out, "--max-tokens", "300") == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "out.json.done.jsonl").read_text().splitlines()]
+    assert rec["truncated"] is True and rec["truncated_turns"] == [True, False]
+    (kept,), counts = prepare([rec], set())
+    full = "".join(loop_words(300)).rstrip()
+    assert kept[1]["content"] == full[: loop_start(full)].rstrip() and counts["trimmed"] == 1
+    assert kept[3]["content"] == rec["messages"][3]["content"]  # the second answer ended: untouched
 
 
 def test_without_stop_loops_the_whole_loop_is_generated(fake_url, fake_openai, tmp_path):

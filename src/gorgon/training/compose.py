@@ -522,6 +522,67 @@ def _code_request(rng: random.Random) -> str:
     return f"Write a {pick(('bash script', 'shell command', 'Python script'))} that {pick(SHELL_TASKS)}."
 
 
+# Second turns: what people send after a first answer. Chat is often two turns (and so are chat benchmarks),
+# so the heads should also see answers that build on an earlier one; a second turn also doubles the tokens a
+# composed request yields, which matters because the general templates give only ~2400 distinct requests.
+FOLLOW_UPS = (
+    "Can you make that shorter?", "Can you explain that in simpler terms?", "Can you give me an example?",
+    "Thanks! Can you summarise that in three bullet points?", "Can you go into more detail?",
+    "What are the most common mistakes people make with this?", "Why is that?", "Can you say more about that?",
+    "Rewrite that in a more formal tone.", "Rewrite that in a friendlier, more casual tone.",
+    "Can you turn that into a numbered list?", "What would you add if you had more space?",
+    "Which part of that is the most important, and why?", "Can you explain that to a ten-year-old?",
+    "Is there anything I should be careful about?", "What is a good next step after this?",
+    "Can you give me two more examples?", "Great, thank you. Can you put that in a short table?",
+    "How would you explain this to someone who disagrees?", "Can you end with a one-sentence summary?",
+)
+CREATIVE_FOLLOW_UPS = (
+    "Now give it a different ending.", "Make it funnier.", "Make it shorter.", "Can you make it rhyme?",
+    "Give it a title and explain why you chose it.", "Rewrite it for a young child.",
+    "Continue the story.", "Make it more dramatic.", "Tell it from a different point of view.",
+    "What is the main theme of what you wrote?",
+)
+CODE_FOLLOW_UPS = (
+    "Can you add comments to the code?", "How would I test this?", "What is the time complexity?",
+    "Can you make it handle invalid input?", "Can you rewrite it without using any libraries?",
+    "Can you explain the code line by line?", "How could I make it faster?", "Can you write it in JavaScript?",
+    "Can you add type hints?", "What edge cases should I think about?",
+)
+_CREATIVE = re.compile(r"\b(story|poem|sonnet|limerick|verse|novel)\b", re.IGNORECASE)
+_CODE = re.compile(
+    r"\b(function|code|script|class|SQL|query|implement|program|Python|JavaScript|Java|C\+\+|Go|Rust)\b"
+)
+
+
+def follow_up(first: str, rng: random.Random) -> str:
+    """A second user turn that fits the first request (a story gets a rewrite, code a test...)."""
+    if _CREATIVE.search(first):
+        pool = CREATIVE_FOLLOW_UPS
+    elif _CODE.search(first):
+        pool = CODE_FOLLOW_UPS + FOLLOW_UPS[:4]
+    else:
+        pool = FOLLOW_UPS
+    return rng.choice(pool)
+
+
+def conversations(
+    texts: list[str], follow_ups: float = 0.0, seed: int = 0, exclude: Iterable[str] = ()
+) -> list[list[dict]]:
+    """One conversation per request; a fraction `follow_ups` of them get a second user turn (none too close
+    to an `exclude` prompt). The first turns are `texts` unchanged, whatever `follow_ups` is."""
+    rng = random.Random(seed + 7919)  # its own stream: the first turns do not depend on it
+    held_out = [words(p) for p in exclude]
+    out = []
+    for text in texts:
+        conv = [{"role": "user", "content": text}]
+        if rng.random() < follow_ups:
+            second = follow_up(text, rng)
+            if not too_close(second, held_out, 0.5):
+                conv.append({"role": "user", "content": second})
+        out.append(conv)
+    return out
+
+
 FAMILIES = {"general": _general_request, "code": _code_request}
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -582,6 +643,9 @@ def main() -> None:
         help="JSON list of held-out prompts, or of conversations (repeatable)",
     )
     parser.add_argument("--exclude-threshold", type=float, default=0.5, help="word-set Jaccard")
+    parser.add_argument(
+        "--follow-ups", type=float, default=0.0, help="fraction of conversations given a second user turn"
+    )
     args = parser.parse_args()
     from gorgon.bench.prompts import PROMPT_SETS
 
@@ -589,9 +653,10 @@ def main() -> None:
     for f in args.exclude:
         held_out += held_out_prompts(json.loads(Path(f).read_text(encoding="utf-8")))
     texts = compose(args.n, args.family, args.seed, held_out, args.exclude_threshold)
-    conversations = [[{"role": "user", "content": t}] for t in texts]
-    Path(args.output).write_text(json.dumps(conversations, ensure_ascii=False, indent=1), encoding="utf-8")
-    print(f"wrote {len(texts)} requests to {args.output}")
+    convs = conversations(texts, args.follow_ups, args.seed, held_out)
+    Path(args.output).write_text(json.dumps(convs, ensure_ascii=False, indent=1), encoding="utf-8")
+    second = sum(len(c) > 1 for c in convs)
+    print(f"wrote {len(texts)} requests to {args.output} ({second} with a second turn)")
 
 
 if __name__ == "__main__":

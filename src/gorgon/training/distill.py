@@ -99,7 +99,8 @@ class DistillSummary:
 
 # --- the sidecar of finished conversations --------------------------------------------------------------------
 class DoneStore:
-    """Append-only JSONL of finished conversations: {"key", "messages", "truncated", "settings"}."""
+    """Append-only JSONL of finished conversations: {"key", "messages", "truncated", "truncated_turns",
+    "settings"} (`truncated_turns`: one flag per answer; records written before it have only `truncated`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -124,8 +125,17 @@ class DoneStore:
     def __contains__(self, key: str) -> bool:
         return key in self.records
 
-    def add(self, key: str, messages: list[Message], truncated: bool, settings: dict[str, Any]) -> None:
+    def add(
+        self,
+        key: str,
+        messages: list[Message],
+        truncated: bool,
+        settings: dict[str, Any],
+        truncated_turns: list[bool] | None = None,
+    ) -> None:
         rec = {"key": key, "messages": messages, "truncated": truncated, "settings": settings}
+        if truncated_turns is not None:
+            rec["truncated_turns"] = truncated_turns
         line = json.dumps(rec, ensure_ascii=False) + "\n"
         # One write of a whole line, flushed: a crash leaves at most one cut line, which _load skips.
         with self.path.open("a", encoding="utf-8") as f:
@@ -153,8 +163,12 @@ def sidecar_path(out: Path, kind: str) -> Path:
 @dataclass(frozen=True)
 class Replayed:
     messages: list[Message]
-    truncated: bool
+    cut_turns: list[bool]  # per answer: cut by max tokens (or stopped at a loop)
     tokens: int
+
+    @property
+    def truncated(self) -> bool:
+        return any(self.cut_turns)
 
 
 async def replay(backend: ChatBackend, conv: Conversation, opts: ReplayOptions) -> Replayed:
@@ -163,7 +177,8 @@ async def replay(backend: ChatBackend, conv: Conversation, opts: ReplayOptions) 
     The dataset's assistant turns are dropped; raises BackendError if any turn fails (nothing partial).
     """
     history: list[Message] = []
-    truncated, tokens, turn = False, 0, 0
+    cut_turns: list[bool] = []
+    tokens, turn = 0, 0
     for m in conv.prompts:
         history.append(dict(m))
         if m["role"] != "user":
@@ -183,10 +198,10 @@ async def replay(backend: ChatBackend, conv: Conversation, opts: ReplayOptions) 
             f"conversation {conv.index} turn {turn}",
         )
         history.append({"role": "assistant", "content": c.text})
-        truncated |= c.truncated
+        cut_turns.append(c.truncated)
         tokens += c.completion_tokens
         turn += 1
-    return Replayed(history, truncated, tokens)
+    return Replayed(history, cut_turns, tokens)
 
 
 async def distill_conversations(
@@ -219,7 +234,7 @@ async def distill_conversations(
                 summary.failures.append(f"record {conv.index}: {e}")
                 log.warning("conversation %d left out: %s", conv.index, e)
             else:
-                store.add(conv.key, r.messages, r.truncated, opts.settings)
+                store.add(conv.key, r.messages, r.truncated, opts.settings, r.cut_turns)
                 summary.done += 1
                 summary.truncated += r.truncated
                 summary.generated_tokens += r.tokens

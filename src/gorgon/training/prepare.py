@@ -70,13 +70,15 @@ def prepare(records: list[dict], exclude: set[str], min_chars: int = 20) -> tupl
         if any(m["role"] == "user" and m["content"] in exclude for m in messages):
             counts["dropped_excluded"] += 1
             continue
-        if rec.get("truncated"):
-            answer = messages[-1]["content"]
-            cut = loop_start(answer)
+        answers = [m for m in messages if m["role"] == "assistant"]
+        # Which answers were cut: one flag per answer in newer records, else the conversation's (its last).
+        cut_flags = rec.get("truncated_turns") or [False] * (len(answers) - 1) + [bool(rec.get("truncated"))]
+        for answer, cut_flag in zip(answers, cut_flags, strict=False):
+            cut = loop_start(answer["content"]) if cut_flag else None
             if cut is not None:
-                messages[-1]["content"] = answer[:cut].rstrip()
+                answer["content"] = answer["content"][:cut].rstrip()
                 counts["trimmed"] += 1
-        if len(messages[-1]["content"]) < min_chars:
+        if not answers or min(len(m["content"]) for m in answers) < min_chars:
             counts["dropped_short"] += 1
             continue
         out.append(messages)
