@@ -336,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="speculation mode: interleaved rounds; the median round's speedup is reported, with every round's",
     )
+    bench.add_argument(
+        "--batch-repeats",
+        type=int,
+        default=None,
+        help="speculation mode: rounds of the concurrent comparison (default 3 x --repeats: a round is one "
+        "short batch, and its ratio scatters more than a single-stream round's)",
+    )
     bench.add_argument("--output", default="bench-results/bench.json")
     bench.add_argument("--skip-hf", action="store_true")
     bench.add_argument("--prompt-set", default="chat", choices=["chat", "code"])

@@ -35,6 +35,18 @@ def test_median_round_and_ratios():
     assert bench_run._ratios(rounds) == "1.30 1.10 1.20"
 
 
+def test_pooled_speedup_weighs_rounds_by_their_time():
+    def rnd(plain_tokens, plain_s, spec_tokens, spec_s):
+        return {
+            "plain": {"tokens": plain_tokens, "seconds": plain_s},
+            "speculative": {"tokens": spec_tokens, "seconds": spec_s},
+        }
+
+    # 300 tokens in 3 s plain (100/s) vs 300 tokens in 2 s with drafts (150/s): 1.5x, not the mean ratio.
+    rounds = [rnd(100, 1.0, 100, 1.0), rnd(200, 2.0, 200, 1.0)]
+    assert bench_run._pooled_speedup(rounds) == 1.5
+
+
 def test_bench_speculation_cli_end_to_end(tmp_path, capsys):
     from helpers import make_medusa_adapter, save_tiny_checkpoint
 
@@ -59,4 +71,5 @@ def test_bench_speculation_cli_end_to_end(tmp_path, capsys):
     row = json.loads(out.read_text())["results"][0]
     assert row["greedy_outputs_identical"] is True
     assert len(row["single_speedup_rounds"].split()) == 2 and row["single_speedup"] > 0
+    assert len(row["x2_speedup_rounds"].split()) == 6 and row["x2_speedup_pooled"] > 0  # 3 x --repeats
     assert row["mean_tokens_per_step"] >= 1.0
