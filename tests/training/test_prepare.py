@@ -59,7 +59,9 @@ def test_prepare_cuts_each_answer_by_its_own_flag_and_reads_old_records():
         {"role": "user", "content": "again"},
         {"role": "assistant", "content": LOOP},
     ]
-    (first_cut,), _ = prepare([{"messages": conv, "truncated": True, "truncated_turns": [True, False]}], set())
+    (first_cut,), _ = prepare(
+        [{"messages": conv, "truncated": True, "truncated_turns": [True, False]}], set()
+    )
     assert first_cut[1]["content"] != LOOP and first_cut[3]["content"] == LOOP
     # A record written before per-answer flags: its flag is the last answer's (as single-turn runs were).
     (old,), _ = prepare([{"messages": conv, "truncated": True}], set())

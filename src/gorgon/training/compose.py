@@ -6,6 +6,9 @@ trained on the answers to odd requests learn an odd style: measured on the embed
 are everyday requests of the kinds people send a chat assistant (explain, write, advise, compare, plan,
 compute, code...), with slots filled at random, so the model answers the requests it will really be sent.
 
+`--follow-ups F` gives a fraction F of the conversations a second user turn fitting the first (see
+`FOLLOW_UPS`); `gorgon distill` answers both.
+
 Every template and slot value was written for Gorgon; none comes from a benchmark. `--exclude FILE` (a JSON
 list of prompts; the speed benchmark's are always excluded) drops composed requests too close to any of them (word-set
 Jaccard), so held-out prompts stay held out even when a template happens to resemble one.
@@ -523,30 +526,54 @@ def _code_request(rng: random.Random) -> str:
 
 
 # Second turns: what people send after a first answer. Chat is often two turns (and so are chat benchmarks),
-# so the heads should also see answers that build on an earlier one; a second turn also doubles the tokens a
-# composed request yields, which matters because the general templates give only ~2400 distinct requests.
+# so heads may learn from answers that build on an earlier one, and a second turn adds answers without new
+# templates (the general ones give only ~2400 distinct requests). Its price: the first exchange is prefilled
+# again for the second answer (no prefix cache), ~3x the compute per kept token of a sampled re-answer.
 FOLLOW_UPS = (
-    "Can you make that shorter?", "Can you explain that in simpler terms?", "Can you give me an example?",
-    "Thanks! Can you summarise that in three bullet points?", "Can you go into more detail?",
-    "What are the most common mistakes people make with this?", "Why is that?", "Can you say more about that?",
-    "Rewrite that in a more formal tone.", "Rewrite that in a friendlier, more casual tone.",
-    "Can you turn that into a numbered list?", "What would you add if you had more space?",
-    "Which part of that is the most important, and why?", "Can you explain that to a ten-year-old?",
-    "Is there anything I should be careful about?", "What is a good next step after this?",
-    "Can you give me two more examples?", "Great, thank you. Can you put that in a short table?",
-    "How would you explain this to someone who disagrees?", "Can you end with a one-sentence summary?",
+    "Can you make that shorter?",
+    "Can you explain that in simpler terms?",
+    "Can you give me an example?",
+    "Thanks! Can you summarise that in three bullet points?",
+    "Can you go into more detail?",
+    "What are the most common mistakes people make with this?",
+    "Why is that?",
+    "Can you say more about that?",
+    "Rewrite that in a more formal tone.",
+    "Rewrite that in a friendlier, more casual tone.",
+    "Can you turn that into a numbered list?",
+    "What would you add if you had more space?",
+    "Which part of that is the most important, and why?",
+    "Can you explain that to a ten-year-old?",
+    "Is there anything I should be careful about?",
+    "What is a good next step after this?",
+    "Can you give me two more examples?",
+    "Great, thank you. Can you put that in a short table?",
+    "How would you explain this to someone who disagrees?",
+    "Can you end with a one-sentence summary?",
 )
 CREATIVE_FOLLOW_UPS = (
-    "Now give it a different ending.", "Make it funnier.", "Make it shorter.", "Can you make it rhyme?",
-    "Give it a title and explain why you chose it.", "Rewrite it for a young child.",
-    "Continue the story.", "Make it more dramatic.", "Tell it from a different point of view.",
+    "Now give it a different ending.",
+    "Make it funnier.",
+    "Make it shorter.",
+    "Can you make it rhyme?",
+    "Give it a title and explain why you chose it.",
+    "Rewrite it for a young child.",
+    "Continue the story.",
+    "Make it more dramatic.",
+    "Tell it from a different point of view.",
     "What is the main theme of what you wrote?",
 )
 CODE_FOLLOW_UPS = (
-    "Can you add comments to the code?", "How would I test this?", "What is the time complexity?",
-    "Can you make it handle invalid input?", "Can you rewrite it without using any libraries?",
-    "Can you explain the code line by line?", "How could I make it faster?", "Can you write it in JavaScript?",
-    "Can you add type hints?", "What edge cases should I think about?",
+    "Can you add comments to the code?",
+    "How would I test this?",
+    "What is the time complexity?",
+    "Can you make it handle invalid input?",
+    "Can you rewrite it without using any libraries?",
+    "Can you explain the code line by line?",
+    "How could I make it faster?",
+    "Can you write it in JavaScript?",
+    "Can you add type hints?",
+    "What edge cases should I think about?",
 )
 _CREATIVE = re.compile(r"\b(story|poem|sonnet|limerick|verse|novel)\b", re.IGNORECASE)
 _CODE = re.compile(
@@ -566,7 +593,11 @@ def follow_up(first: str, rng: random.Random) -> str:
 
 
 def conversations(
-    texts: list[str], follow_ups: float = 0.0, seed: int = 0, exclude: Iterable[str] = ()
+    texts: list[str],
+    follow_ups: float = 0.0,
+    seed: int = 0,
+    exclude: Iterable[str] = (),
+    threshold: float = 0.5,
 ) -> list[list[dict]]:
     """One conversation per request; a fraction `follow_ups` of them get a second user turn (none too close
     to an `exclude` prompt). The first turns are `texts` unchanged, whatever `follow_ups` is."""
@@ -577,7 +608,7 @@ def conversations(
         conv = [{"role": "user", "content": text}]
         if rng.random() < follow_ups:
             second = follow_up(text, rng)
-            if not too_close(second, held_out, 0.5):
+            if not too_close(second, held_out, threshold):
                 conv.append({"role": "user", "content": second})
         out.append(conv)
     return out
@@ -653,7 +684,7 @@ def main() -> None:
     for f in args.exclude:
         held_out += held_out_prompts(json.loads(Path(f).read_text(encoding="utf-8")))
     texts = compose(args.n, args.family, args.seed, held_out, args.exclude_threshold)
-    convs = conversations(texts, args.follow_ups, args.seed, held_out)
+    convs = conversations(texts, args.follow_ups, args.seed, held_out, args.exclude_threshold)
     Path(args.output).write_text(json.dumps(convs, ensure_ascii=False, indent=1), encoding="utf-8")
     second = sum(len(c) > 1 for c in convs)
     print(f"wrote {len(texts)} requests to {args.output} ({second} with a second turn)")
