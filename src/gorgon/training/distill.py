@@ -126,16 +126,15 @@ class DoneStore:
         return key in self.records
 
     def add(
-        self,
-        key: str,
-        messages: list[Message],
-        truncated: bool,
-        settings: dict[str, Any],
-        truncated_turns: list[bool] | None = None,
+        self, key: str, messages: list[Message], truncated_turns: list[bool], settings: dict[str, Any]
     ) -> None:
-        rec = {"key": key, "messages": messages, "truncated": truncated, "settings": settings}
-        if truncated_turns is not None:
-            rec["truncated_turns"] = truncated_turns
+        rec = {
+            "key": key,
+            "messages": messages,
+            "truncated": any(truncated_turns),
+            "truncated_turns": truncated_turns,
+            "settings": settings,
+        }
         line = json.dumps(rec, ensure_ascii=False) + "\n"
         # One write of a whole line, flushed: a crash leaves at most one cut line, which _load skips.
         with self.path.open("a", encoding="utf-8") as f:
@@ -234,7 +233,7 @@ async def distill_conversations(
                 summary.failures.append(f"record {conv.index}: {e}")
                 log.warning("conversation %d left out: %s", conv.index, e)
             else:
-                store.add(conv.key, r.messages, r.truncated, opts.settings, r.cut_turns)
+                store.add(conv.key, r.messages, r.cut_turns, opts.settings)
                 summary.done += 1
                 summary.truncated += r.truncated
                 summary.generated_tokens += r.tokens
