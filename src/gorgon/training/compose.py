@@ -528,7 +528,8 @@ def _code_request(rng: random.Random) -> str:
 # Second turns: what people send after a first answer. Chat is often two turns (and so are chat benchmarks),
 # so heads may learn from answers that build on an earlier one, and a second turn adds answers without new
 # templates (the general ones give only ~2400 distinct requests). Its price: the first exchange is prefilled
-# again for the second answer (no prefix cache), ~3x the compute per kept token of a sampled re-answer.
+# again for the second answer (no prefix cache): by estimate ~3x the compute per kept token of a sampled
+# re-answer (not measured).
 FOLLOW_UPS = (
     "Can you make that shorter?",
     "Can you explain that in simpler terms?",
