@@ -1,6 +1,7 @@
 import json
 import random
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ from gorgon.training import compose
 from gorgon.training.conversations import load_conversations
 
 
-@pytest.mark.parametrize("family", ["general", "code"])
+@pytest.mark.parametrize("family", ["general", "code", "everyday"])
 def test_compose_is_distinct_deterministic_and_varied(family):
     first = compose.compose(500, family, seed=3)
     assert len(first) == 500 and len(set(first)) == 500
@@ -18,6 +19,28 @@ def test_compose_is_distinct_deterministic_and_varied(family):
     # Many kinds of request, not one template repeated.
     assert len({" ".join(t.split()[:4]) for t in first}) > 40
     assert all(t == " ".join(t.split()) and t[-1] in '.?"' for t in first)
+
+
+def test_general_family_still_gives_the_shipped_data_requests():
+    """The shipped general adapter's data was composed with `--n 2400 --seed 0` (first 2300 for training, the
+    last 100 for tune-tree): new families and templates must not change what that command gives."""
+    held = [p for prompts in PROMPT_SETS.values() for p in prompts]
+    texts = compose.compose(2400, "general", seed=0, exclude=held)
+    data = Path(__file__).parents[2] / "data" / "distill"
+    shipped = json.loads((data / "composed-prompts.json").read_text(encoding="utf-8"))
+    tune = json.loads((data / "composed-tune-prompts.json").read_text(encoding="utf-8"))
+    assert texts[:2300] == [c[0]["content"] for c in shipped]
+    assert texts[2300:] == [c[0]["content"] if isinstance(c, list) else c for c in tune]
+
+
+def test_everyday_family_adds_thousands_of_new_requests():
+    """The family exists to give more distinct requests than `general` alone (~2500): 5000 of its own, of
+    twenty kinds, hardly any the same as a general request."""
+    everyday = compose.compose(5000, "everyday", seed=0)
+    assert len(set(everyday)) == 5000
+    assert len({" ".join(t.split()[:3]) for t in everyday}) > 150
+    general = set(compose.compose(2500, "general", seed=0))
+    assert len(general & set(everyday)) < 25
 
 
 def test_too_close_is_a_word_set_jaccard():
@@ -34,7 +57,7 @@ def test_excluded_prompts_stay_out():
     assert "Give me a recipe for pancakes." in compose.compose(2000, seed=0)  # the template itself works
 
 
-@pytest.mark.parametrize("family", ["general", "code"])
+@pytest.mark.parametrize("family", ["general", "code", "everyday"])
 def test_main_writes_distill_input_without_benchmark_prompts(tmp_path, monkeypatch, family):
     out = tmp_path / "prompts.json"
     extra = tmp_path / "held.json"

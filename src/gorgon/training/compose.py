@@ -23,6 +23,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from gorgon.training.everyday import everyday_request
+
 # fmt: off
 THINGS = (
     "a microwave oven", "a solar panel", "a vaccine", "a credit card", "the stock market", "a thermostat",
@@ -615,7 +617,7 @@ def conversations(
     return out
 
 
-FAMILIES = {"general": _general_request, "code": _code_request}
+FAMILIES = {"general": _general_request, "code": _code_request, "everyday": everyday_request}
 
 _WORD = re.compile(r"[a-z0-9]+")
 
