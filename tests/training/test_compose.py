@@ -27,10 +27,12 @@ def test_general_family_still_gives_the_shipped_data_requests():
     held = [p for prompts in PROMPT_SETS.values() for p in prompts]
     texts = compose.compose(2400, "general", seed=0, exclude=held)
     data = Path(__file__).parents[2] / "data" / "distill"
-    shipped = json.loads((data / "composed-prompts.json").read_text(encoding="utf-8"))
-    tune = json.loads((data / "composed-tune-prompts.json").read_text(encoding="utf-8"))
-    assert texts[:2300] == [c[0]["content"] for c in shipped]
-    assert texts[2300:] == [c[0]["content"] if isinstance(c, list) else c for c in tune]
+    shipped, tune = (
+        compose.held_out_prompts(json.loads((data / name).read_text(encoding="utf-8")))
+        for name in ("composed-prompts.json", "composed-tune-prompts.json")
+    )
+    assert texts[:2300] == shipped
+    assert texts[2300:] == tune
 
 
 def test_everyday_family_adds_thousands_of_new_requests():
