@@ -332,7 +332,8 @@ def _puzzle(rng: random.Random) -> str:
 
 
 def _passage_request(rng: random.Random) -> str:
-    return f"{rng.choice(PASSAGE_TASKS)}\n\n{rng.choice(PASSAGES)}"
+    # One line, as `compose` makes every request (it collapses whitespace): the task, then the passage.
+    return f"{rng.choice(PASSAGE_TASKS)} {rng.choice(PASSAGES)}"
 
 
 def everyday_request(rng: random.Random) -> str:
