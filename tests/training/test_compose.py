@@ -35,6 +35,16 @@ def test_general_family_still_gives_the_shipped_data_requests():
     assert texts[2300:] == tune
 
 
+def test_recipe_requests_are_what_compose_gives():
+    """The shipped general adapter's requests (`data/distill/recipe-prompts.json`) are what
+    scripts/general-recipe.sh composes: 2500 of each family, seed 0, the tuning prompts excluded."""
+    data = Path(__file__).parents[2] / "data" / "distill"
+    tune = compose.held_out_prompts(json.loads((data / "composed-tune-prompts.json").read_text("utf-8")))
+    held = [p for prompts in PROMPT_SETS.values() for p in prompts] + tune
+    recipe = compose.held_out_prompts(json.loads((data / "recipe-prompts.json").read_text("utf-8")))
+    assert recipe == compose.compose(2500, "general", 0, held) + compose.compose(2500, "everyday", 0, held)
+
+
 def test_everyday_family_adds_thousands_of_new_requests():
     """The family exists to give more distinct requests than `general` alone (~2500): 5000 of its own, of
     twenty kinds, hardly any the same as a general request."""
