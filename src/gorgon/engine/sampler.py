@@ -11,8 +11,9 @@ Two properties drive the design:
   the processed probabilities, which needs one uniform per token; `uniforms` is public so that speculative
   rejection sampling draws from the same keyed source.
 
-The common case (all rows greedy, no penalties, no alternatives) is one batched argmax plus a log_softmax
-gather, with no per-row tensor ops and no host sync. Only `alternatives` needs a device-to-host copy (one per
+The common case (all rows greedy, no alternatives) is one call of a CPU kernel that picks each row's first
+maximum and its log-softmax value (elsewhere: one batched argmax plus a log_softmax gather), with no
+per-row tensor ops and no host sync. Only `alternatives` needs a device-to-host copy (one per
 call, and only when a row asks for them).
 """
 
@@ -24,6 +25,7 @@ import torch
 
 from gorgon.engine.logits_process import needs_processing, process_row
 from gorgon.engine.request import SamplingParams
+from gorgon.kernels.build import cpu_extension
 
 _MASK64 = (1 << 64) - 1
 
@@ -138,6 +140,12 @@ def _alternatives(logprobs: torch.Tensor, rows: list[RowSampling]) -> list[list[
     return out
 
 
+def _greedy_kernel(logits: torch.Tensor) -> bool:
+    """Whether the CPU kernel can pick these rows' argmax and logprob (float32 CPU logits): one vectorised
+    pass per row instead of torch's argmax, log_softmax and gather."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_extension() is not None
+
+
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
     """Pick one token per row. `logits`: (N, V) float32 on any device.
 
@@ -146,6 +154,14 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
     processed distribution the token came from.
     """
     processed = process_logits(logits, rows)
+    # Greedy rows without alternatives go through the kernel whatever else is in the step (its logprob
+    # rounds differently from log_softmax's: a row must not get other bits in another batch).
+    picked = [i for i, row in enumerate(rows) if row.params.greedy and not row.top_n]
+    if not _greedy_kernel(processed):
+        picked = []
+    if picked and len(picked) == len(rows):
+        token_ids, logprobs = cpu_extension().greedy_pick(processed)
+        return SampleResult(token_ids=token_ids, logprobs=logprobs, alternatives=[[] for _ in rows])
     logprobs_all = torch.log_softmax(processed, dim=-1)  # (N, V), per-row reduction
     token_ids = torch.argmax(processed, dim=-1)  # (N,); argmax returns the first maximum
     for i, row in enumerate(rows):
@@ -154,6 +170,9 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
         u = float(uniforms(row.seed, row.step, 1)[0])
         token_ids[i : i + 1] = _inverse_cdf(logprobs_all[i], u)
     logprobs = logprobs_all.gather(-1, token_ids[:, None]).squeeze(-1)
+    if picked:
+        index = torch.tensor(picked, device=processed.device)
+        token_ids[index], logprobs[index] = cpu_extension().greedy_pick(processed[index])
     return SampleResult(
         token_ids=token_ids, logprobs=logprobs, alternatives=_alternatives(logprobs_all, rows)
     )

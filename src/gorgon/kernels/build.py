@@ -16,8 +16,16 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 SOURCES = [
     _HERE / n
-    for n in ("cpu_linear.cpp", "cpu_attention.cpp", "cpu_fused.cpp", "cpu_lora.cpp", "bindings.cpp")
+    for n in (
+        "cpu_linear.cpp",
+        "cpu_attention.cpp",
+        "cpu_fused.cpp",
+        "cpu_lora.cpp",
+        "cpu_sampling.cpp",
+        "bindings.cpp",
+    )
 ]
+HEADERS = [_HERE / "cpu_math.h"]  # part of the build digest, not compiled on their own
 # -fopenmp: at::parallel_for is header code that only spreads work over threads when built with OpenMP.
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
@@ -45,7 +53,7 @@ def cpu_extension():
     from torch.utils.cpp_extension import load
 
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+        b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode()
     ).hexdigest()
     root = Path(os.environ.get("GORGON_CACHE_DIR") or user_cache_dir("gorgon"))
     build_dir = root / "kernels" / f"cpu_{digest[:12]}"

@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -29,25 +31,6 @@ namespace {
 constexpr int64_t kBlock = 256;
 constexpr int64_t kLanes = 16;
 constexpr int64_t kTileRows = 8;  // query rows per work item (each with all heads of one key-value head)
-
-// e^x for x <= 0 (-inf -> exactly 0): range reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial
-// (relative error < 6e-9, below float32's half ulp) and an exact scaling by 2^n.
-inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-120.f));  // e^-120 scales to exactly 0 (e^-104 is below any denormal)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // 16 cache values as float32 (bfloat16 widens exactly: its bits are the top half of a float32).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -209,11 +192,11 @@ inline float merge_block(float* scores, int64_t s0, int64_t s1, float scale_f, R
     vmax = _mm512_max_ps(vmax, s);
   }
   const float m_new = std::max(st.m, _mm512_reduce_max_ps(vmax));
-  const float correction = _mm512_cvtss_f32(exp_neg(_mm512_set1_ps(st.m - m_new)));  // 0 on the first block
+  const float correction = _mm512_cvtss_f32(gorgon::exp_neg(_mm512_set1_ps(st.m - m_new)));  // 0 on the first block
   const __m512 mv = _mm512_set1_ps(m_new);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t c = c0; c < c1; ++c) {
-    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + c * kLanes), mv));
+    const __m512 e = gorgon::exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + c * kLanes), mv));
     _mm512_storeu_ps(scores + c * kLanes, e);
     vsum = _mm512_add_ps(vsum, e);
   }
