@@ -11,12 +11,13 @@ from gorgon.models.rope import RotaryEmbedding, apply_rotary
 pytestmark = pytest.mark.skipif(cpu_extension() is None, reason="CPU lacks AVX-512 kernels")
 
 
+@pytest.mark.parametrize("hidden", [96, 100])  # whole vectors of 16, and a masked tail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_add_rms_norm(dtype):
-    norm = RMSNorm(96, 1e-5).to(dtype)
+def test_add_rms_norm(dtype, hidden):
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.normal_()
-    x, residual = torch.randn(7, 96).to(dtype), torch.randn(7, 96).to(dtype)
+    x, residual = torch.randn(7, hidden).to(dtype), torch.randn(7, hidden).to(dtype)
     expected_residual = residual + x
     expected = norm(expected_residual)
     got = cpu_extension().add_rms_norm(x, residual, norm.weight, norm.eps)
@@ -32,9 +33,10 @@ def test_add_rms_norm(dtype):
     )
 
 
+@pytest.mark.parametrize("d", [16, 64])  # halves of 8 (scalar path) and of 32 (16 lanes at a time)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_store(dtype):
-    nh, nkv, d, T = 4, 2, 16, 5
+def test_rope_store(dtype, d):
+    nh, nkv, T = 4, 2, 5
     rotary = RotaryEmbedding(RopeConfig(theta=10000.0), d)
     cos, sin = rotary.cos_sin(torch.tensor([0, 3, 17, 100, 511]))
     qkv = torch.randn(T, (nh + 2 * nkv) * d).to(dtype)
@@ -50,3 +52,17 @@ def test_rope_store(dtype):
     q16 = cpu_extension().rope_store(qkv, cos, sin, k16, v16, slots, nh, nkv, d)
     assert torch.equal(q16, q)
     assert torch.equal(k16, k_cache.to(torch.bfloat16)) and torch.equal(v16, v_cache.to(torch.bfloat16))
+    # Each row alone gets the bits it gets among the others.
+    for t in range(T):
+        alone = cpu_extension().rope_store(
+            qkv[t : t + 1],
+            cos[t : t + 1],
+            sin[t : t + 1],
+            k16.clone(),
+            v16.clone(),
+            slots[t : t + 1],
+            nh,
+            nkv,
+            d,
+        )
+        assert torch.equal(alone, q[t : t + 1])

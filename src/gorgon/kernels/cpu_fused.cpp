@@ -5,6 +5,9 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
 
 #include <cmath>
 
@@ -13,19 +16,49 @@ namespace {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
-// One row: out = weight * dtype(x * rsqrt(mean(x^2) + eps)), the HF Llama convention (normalise in float32,
-// round to the model dtype, then scale by the weight in the model dtype).
+// 16 values (or the first n, the rest reading as 0) as float32; bfloat16 widens exactly (its bits are the top
+// half of a float32).
+inline __m512 load16(const float* p, int n = 16) {
+  return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
+inline __m512 load16(const c10::BFloat16* p, int n = 16) {
+  const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// The first n of 16 float32 values, rounded to the type (bfloat16: to nearest even, as c10::BFloat16 does).
+inline void store16(float* p, __m512 v, int n = 16) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v); }
+inline void store16(c10::BFloat16* p, __m512 v, int n = 16) {
+  _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(v));
+}
+// v rounded to the type T and widened back: what storing and reloading it gives.
 template <typename T>
-void norm_row(const T* x, const T* w, T* out, int64_t H, float eps) {
-  float sum = 0.f;
-  for (int64_t i = 0; i < H; ++i) {
-    const float v = to_f(x[i]);
-    sum += v * v;
+inline __m512 rounded(__m512 v) { return v; }
+template <>
+inline __m512 rounded<c10::BFloat16>(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// One row, 16 lanes at a time: residual += x (rounded to the type) when x is given, then
+// out = weight * dtype(residual * rsqrt(mean(residual^2) + eps)), the HF Llama convention (normalise in float32,
+// round to the model dtype, then scale by the weight in the model dtype). The sum of squares is lane-wise in
+// row order, then one fixed shuffle-tree reduction.
+template <typename T>
+void norm_row(const T* x, T* res, const T* w, T* out, int64_t H, float eps) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const int n = (int)std::min<int64_t>(16, H - i);
+    __m512 r = load16(res + i, n);
+    if (x) {
+      r = rounded<T>(_mm512_add_ps(r, load16(x + i, n)));
+      store16(res + i, r, n);
+    }
+    sum = _mm512_fmadd_ps(r, r, sum);
   }
-  const float inv = 1.f / std::sqrt(sum / (float)H + eps);
-  for (int64_t i = 0; i < H; ++i) {
-    const T normed = static_cast<T>(to_f(x[i]) * inv);
-    out[i] = static_cast<T>(to_f(w[i]) * to_f(normed));
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(sum) / (float)H + eps));
+  for (int64_t i = 0; i < H; i += 16) {
+    const int n = (int)std::min<int64_t>(16, H - i);
+    const __m512 normed = rounded<T>(_mm512_mul_ps(load16(res + i, n), inv));
+    store16(out + i, _mm512_mul_ps(load16(w + i, n), normed), n);
   }
 }
 
@@ -39,12 +72,7 @@ void add_rms_norm_impl(torch::Tensor& x, torch::Tensor& residual, const torch::T
   T* op = out.data_ptr<T>();
   at::parallel_for(0, T_, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* res = rp + r * H;
-      if (add) {
-        const T* xr = xp + r * H;
-        for (int64_t i = 0; i < H; ++i) res[i] = static_cast<T>(to_f(res[i]) + to_f(xr[i]));
-      }
-      norm_row<T>(res, wp, op + r * H, H, (float)eps);
+      norm_row<T>(add ? xp + r * H : nullptr, rp + r * H, wp, op + r * H, H, (float)eps);
     }
   });
 }
@@ -68,10 +96,29 @@ void rope_store_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const t
       const float* sr = s + r * d;
       for (int64_t h = 0; h < nh + nkv; ++h) {
         const T* x = row + h * d;
+        if (half % 16 == 0) {  // 16 lanes at a time: the first half pairs with minus the second, and back
+          float* qd = q + (r * nh + h) * d;
+          C* kd = kc + (slot[r] * nkv + (h - nh)) * d;
+          for (int64_t i = 0; i < half; i += 16) {
+            const __m512 lo = load16(x + i), hi = load16(x + half + i);
+            const __m512 out_lo = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_setzero_ps(), hi), _mm512_loadu_ps(sr + i),
+                                                  _mm512_mul_ps(lo, _mm512_loadu_ps(cr + i)));
+            const __m512 out_hi = _mm512_fmadd_ps(lo, _mm512_loadu_ps(sr + half + i),
+                                                  _mm512_mul_ps(hi, _mm512_loadu_ps(cr + half + i)));
+            if (h < nh) {
+              store16(qd + i, out_lo);
+              store16(qd + half + i, out_hi);
+            } else {
+              store16(kd + i, out_lo);
+              store16(kd + half + i, out_hi);
+            }
+          }
+          continue;
+        }
         for (int64_t i = 0; i < d; ++i) {
           // rotate-half: the first half pairs with minus the second half, and back.
           const float rotated = i < half ? -to_f(x[i + half]) : to_f(x[i - half]);
-          const float value = to_f(x[i]) * cr[i] + rotated * sr[i];
+          const float value = std::fma(rotated, sr[i], to_f(x[i]) * cr[i]);  // as the vector path
           if (h < nh)
             q[(r * nh + h) * d + i] = value;
           else
@@ -80,7 +127,10 @@ void rope_store_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const t
       }
       const T* v = row + (nh + nkv) * d;
       C* vdst = vc + slot[r] * nkv * d;
-      for (int64_t i = 0; i < nkv * d; ++i) vdst[i] = static_cast<C>(to_f(v[i]));
+      for (int64_t i = 0; i < nkv * d; i += 16) {
+        const int n = (int)std::min<int64_t>(16, nkv * d - i);
+        store16(vdst + i, load16(v + i, n), n);
+      }
     }
   });
 }
