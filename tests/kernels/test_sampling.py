@@ -67,3 +67,18 @@ def test_a_greedy_row_gets_the_same_logprob_beside_sampled_rows():
     mixed = sample(x, [greedy, sampled, greedy])
     assert mixed.token_ids[0] == alone.token_ids[0] and mixed.logprobs[0].item() == alone.logprobs[0].item()
     assert mixed.logprobs[2].item() == sample(x[2:], [greedy]).logprobs[0].item()
+
+
+@pytest.mark.parametrize(("vocab", "k"), [(13480, 16), (17, 17), (5, 1), (100, 16)])
+def test_top_k_rows_match_torch(vocab, k):
+    x = torch.randn(3, vocab, generator=torch.Generator().manual_seed(vocab))
+    values, indices = cpu_extension().top_k_rows(x, k)
+    expected = x.topk(k, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+def test_top_k_rows_put_equal_values_in_index_order():
+    x = torch.zeros(1, 40)
+    x[0, [30, 5, 7]] = 1.0
+    values, indices = cpu_extension().top_k_rows(x, 5)
+    assert values.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]] and indices.tolist() == [[5, 7, 30, 0, 1]]

@@ -11,6 +11,7 @@ import torch
 
 from gorgon.config import SpeculationConfig
 from gorgon.engine.step_times import StepTimes
+from gorgon.kernels.topk import top_k
 from gorgon.speculative.tree import BUILTIN_TREES, CandidateTree
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Speculator:
         table = heads.ngrams if heads is not None else None
         if table is not None and seq is not None:
             return table.rank(logits, seq.token_ids, self.tree.top_k, vocab)
-        columns = logits.topk(self.tree.top_k, dim=-1).indices
+        columns = top_k(logits.float(), self.tree.top_k)[1]
         return (columns if vocab is None else vocab.tokens(columns)).tolist()
 
     @functools.cached_property

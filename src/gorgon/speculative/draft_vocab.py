@@ -23,7 +23,8 @@ class DraftVocab:
         ids = np.unique(np.asarray(token_ids, dtype=np.int64))
         if len(ids) == 0 or ids[0] < 0 or ids[-1] >= vocab_size:
             raise ValueError(f"draft vocabulary must be non-empty token ids below {vocab_size}")
-        self.ids = torch.from_numpy(ids)  # [S] sorted token ids
+        self.ids_array = ids  # [S] sorted token ids
+        self.ids = torch.from_numpy(ids)  # the same, shared
         self.index = np.full(vocab_size, -1, dtype=np.int64)  # token id -> its column, -1 when absent
         self.index[ids] = np.arange(len(ids))
         self._projection: InvariantLinear | None = None

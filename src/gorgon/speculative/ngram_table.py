@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gorgon.kernels.topk import top_k as top_k_rows
+
 log = logging.getLogger(__name__)
 
 NGRAM_FILE = "gorgon_ngrams.safetensors"
@@ -54,6 +56,7 @@ class _Order:
 class NgramTable:
     def __init__(self, orders: dict[int, _Order], weight: float = 0.75, min_count: int = 2) -> None:
         self.orders = orders  # context length -> its table
+        self._rows: dict[int, dict[int, int]] = {}  # per context length, key -> row (`_row_of`)
         self.weight = weight
         self.min_count = min_count
 
@@ -164,14 +167,23 @@ class NgramTable:
         """(tokens, log-frequencies) after the longest known suffix of `context`, or None."""
         for n in range(min(self.max_order, len(context)), 0, -1):
             order = self.orders.get(n)
-            if order is None or not len(order.keys):
+            if order is None:
                 continue
-            key = pack(context[-n:])
-            i = int(np.searchsorted(order.keys, key))
-            if i < len(order.keys) and order.keys[i] == key:
+            i = self._row_of(n).get(pack(context[-n:]))
+            if i is not None:
                 a, b = order.offsets[i], order.offsets[i + 1]
                 return order.tokens[a:b], order.logprobs[a:b]
         return None
+
+    def _row_of(self, n: int) -> dict[int, int]:
+        """Context key -> its row in order n's arrays. A dict, made on first use: drafting looks up a few
+        contexts per sequence and step, and a binary search of the sorted keys through NumPy cost ~40 us
+        per lookup there (*script*), a dict ~1 us."""
+        rows = self._rows.get(n)
+        if rows is None:
+            keys = self.orders[n].keys.tolist()
+            rows = self._rows[n] = dict(zip(keys, range(len(keys))))
+        return rows
 
     def rank(
         self, head_logits: torch.Tensor, context: Sequence[int], top_k: int, vocab=None
@@ -180,14 +192,16 @@ class NgramTable:
         table log-frequency. Depth d's context is `context` (ending with the tree's root) extended by the best
         guesses of the depths before it. `vocab` (a `DraftVocab`): the logits' columns are its tokens."""
         # Within a depth, head log-probabilities are the logits shifted by one constant (the log-sum-exp):
-        # the raw logits rank the same and spare a pass over the vocabulary.
+        # the raw logits rank the same and spare a pass over the vocabulary. This runs once per sequence and
+        # step, so the per-depth work is NumPy and plain Python on the few candidates, not torch calls.
         logits = head_logits.float()
-        top = logits.topk(min(max(top_k, CANDIDATES), logits.shape[-1]), dim=-1)  # one call for all depths
-        top_ids = (top.indices if vocab is None else vocab.tokens(top.indices)).tolist()
-        top_values = top.values.tolist()
-        context = list(context)
+        top_values, top_columns = top_k_rows(logits, min(max(top_k, CANDIDATES), logits.shape[-1]))
+        head_lp = logits.cpu().numpy()
+        top_columns = top_columns.cpu().numpy()
+        top_ids = (top_columns if vocab is None else vocab.ids_array[top_columns]).tolist()
+        context = list(context[max(len(context) - self.max_order, 0) :])  # all that lookups read
         out = []
-        for lp, ids, values in zip(logits, top_ids, top_values):
+        for lp, ids, values in zip(head_lp, top_ids, top_values.tolist()):
             found = self.lookup(context)
             if found is None:
                 ranked = ids[:top_k]
@@ -197,8 +211,9 @@ class NgramTable:
                 tokens, table_lp = found
                 columns = tokens.astype(np.int64) if vocab is None else vocab.index[tokens]
                 drafted = columns >= 0  # a token outside the drafting vocabulary is never proposed
-                head_lp = lp[torch.from_numpy(columns[drafted])].tolist()
-                for t, h, g in zip(tokens[drafted].tolist(), head_lp, table_lp[drafted].tolist()):
+                for t, h, g in zip(
+                    tokens[drafted].tolist(), lp[columns[drafted]].tolist(), table_lp[drafted].tolist()
+                ):
                     scores[t] = h + self.weight * g
                 ranked = sorted(scores, key=scores.__getitem__, reverse=True)[:top_k]
             out.append(ranked)
