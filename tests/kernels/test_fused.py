@@ -66,3 +66,17 @@ def test_rope_store(dtype, d):
             d,
         )
         assert torch.equal(alone, q[t : t + 1])
+
+
+@pytest.mark.parametrize("intermediate", [64, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype, intermediate):
+    gate_up = (torch.randn(6, 2 * intermediate) * 4).to(dtype)
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])  # past the clamps, and zeros
+    got = cpu_extension().silu_mul(gate_up)
+    gate, up = gate_up.split(intermediate, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got.float(), expected.float(), **tol)
+    rows = [cpu_extension().silu_mul(gate_up[i : i + 1].clone()) for i in range(6)]
+    assert torch.equal(torch.cat(rows), got)  # a row's bits never depend on the other rows

@@ -10,6 +10,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 torch::Tensor add_rms_norm(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                          torch::Tensor v_cache, torch::Tensor slots, int64_t nh, int64_t nkv, int64_t d);
+torch::Tensor silu_mul(torch::Tensor gate_up);
 std::vector<torch::Tensor> greedy_pick(torch::Tensor logits);
 std::vector<torch::Tensor> top_k_rows(torch::Tensor x, int64_t k);
 void lora_apply(torch::Tensor x, torch::Tensor y, torch::Tensor row_adapter, std::vector<torch::Tensor> a,
@@ -21,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x; RMSNorm(residual) * weight (per row)");
   m.def("rope_store", &rope_store, "rotary q/k from a fused qkv row, k/v written to the cache");
   m.def("paged_attention", &paged_attention, "batch-invariant paged attention, float32 (AVX-512)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused [T, 2I] gate/up projection (per row)");
   m.def("greedy_pick", &greedy_pick, "per row: index of the first maximum and its log-softmax value");
   m.def("top_k_rows", &top_k_rows, "per row: the k largest values, descending, and their indices");
   m.def("lora_apply", &lora_apply, "batch-invariant multi-LoRA shrink+expand, in place (AVX-512)");

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 
+#include "cpu_math.h"
+
 #include <cmath>
 
 namespace {
@@ -73,6 +75,25 @@ void add_rms_norm_impl(torch::Tensor& x, torch::Tensor& residual, const torch::T
   at::parallel_for(0, T_, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       norm_row<T>(add ? xp + r * H : nullptr, rp + r * H, wp, op + r * H, H, (float)eps);
+    }
+  });
+}
+
+// act = dtype(silu(gate)) * up, per element (the HF order: the activation is rounded to the model dtype before
+// the product). gate_up [T, 2I]: gate columns, then up columns.
+template <typename T>
+void silu_mul_impl(const torch::Tensor& gate_up, torch::Tensor& out) {
+  const int64_t T_ = gate_up.size(0), I = gate_up.size(1) / 2;
+  const T* src = gate_up.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, T_, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gate = src + r * 2 * I;
+      for (int64_t i = 0; i < I; i += 16) {
+        const int n = (int)std::min<int64_t>(16, I - i);
+        const __m512 act = rounded<T>(gorgon::silu(load16(gate + i, n)));
+        store16(dst + r * I + i, _mm512_mul_ps(act, load16(gate + I + i, n)), n);
+      }
     }
   });
 }
@@ -183,4 +204,18 @@ torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
   else
     TORCH_CHECK(false, "rope_store: bfloat16 or float32 only");
   return q;
+}
+
+// gate_up [T, 2I] in the model dtype -> silu(gate) * up [T, I] (the MLP's activation, fused).
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: expected [T, 2I]");
+  gate_up = gate_up.contiguous();
+  auto out = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  if (gate_up.scalar_type() == torch::kBFloat16)
+    silu_mul_impl<c10::BFloat16>(gate_up, out);
+  else if (gate_up.scalar_type() == torch::kFloat32)
+    silu_mul_impl<float>(gate_up, out);
+  else
+    TORCH_CHECK(false, "silu_mul: bfloat16 or float32 only");
+  return out;
 }

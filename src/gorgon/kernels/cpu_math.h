@@ -5,10 +5,9 @@
 
 namespace gorgon {
 
-// e^x for x <= 0 (-inf -> exactly 0): range reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial
-// (relative error < 6e-9, below float32's half ulp) and an exact scaling by 2^n.
-inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-120.f));  // e^-120 scales to exactly 0 (e^-104 is below any denormal)
+// e^x for x in [-120, 88]: range reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial (relative
+// error < 6e-9, below float32's half ulp) and an exact scaling by 2^n.
+inline __m512 exp_core(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -22,6 +21,16 @@ inline __m512 exp_neg(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
+}
+
+// e^x for x <= 0 (-inf -> exactly 0: e^-120 scales to exactly 0, e^-104 is below any denormal).
+inline __m512 exp_neg(__m512 x) { return exp_core(_mm512_max_ps(x, _mm512_set1_ps(-120.f))); }
+
+// x * sigmoid(x) = x / (1 + e^-x); e^-x is clamped to [e^-120, e^88], which changes no float32 result.
+inline __m512 silu(__m512 x) {
+  const __m512 e = exp_core(_mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(-120.f)),
+                                          _mm512_set1_ps(88.f)));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
 
 }  // namespace gorgon

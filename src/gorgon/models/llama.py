@@ -7,6 +7,8 @@ maps HF tensor names onto them.
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,13 +94,17 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None, fused: bool = False) -> torch.Tensor:
+        """`fused`: silu(gate) * up in one kernel call (the kernel path), else two PyTorch ops."""
         gate_up = self.gate_up_proj(x)
         if lora is not None:
             lora.apply(self.layer, "gate_proj", x, gate_up, 0)
             lora.apply(self.layer, "up_proj", x, gate_up, self.intermediate)
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        act = F.silu(gate) * up
+        if fused:
+            act = cpu_extension().silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            act = F.silu(gate) * up
         y = self.down_proj(act)
         if lora is not None:
             lora.apply(self.layer, "down_proj", act, y)
@@ -118,7 +124,7 @@ class DecoderLayer(nn.Module):
         the former to the latter (fused with it on the kernel path)."""
         attn = self.self_attn(h, cos_sin, kv, meta, lora)
         h, residual = add_norm(attn, residual, self.post_attention_layernorm, meta.use_kernel)
-        return self.mlp(h, lora), residual
+        return self.mlp(h, lora, meta.use_kernel), residual
 
 
 class LlamaModel(nn.Module):
@@ -147,7 +153,8 @@ class LlamaModel(nn.Module):
         residual = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions)
         h, residual = add_norm(None, residual, self.layers[0].input_layernorm, fused)
-        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        # islice, not self.layers[1:]: slicing a ModuleList builds a new one every step.
+        norms = [layer.input_layernorm for layer in islice(self.layers, 1, None)] + [self.norm]
         for layer, kv, next_norm in zip(self.layers, kv_cache, norms):
             out, residual = layer(h, residual, cos_sin, kv, meta, lora)
             h, residual = add_norm(out, residual, next_norm, fused)
