@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gorgon.speculative.tree import BUILTIN_TREES, CandidateTree
-from gorgon.speculative.tune import best_trees, choose_tree, head_accuracy, ngram_hits
+from gorgon.speculative.tune import best_trees, chain_hits, choose_tree, head_accuracy, ngram_hits
 from gorgon.speculative.verify import accept, emitted_tokens
 
 
@@ -58,44 +58,68 @@ def test_accept_matches_brute_force(name):
         assert emitted_tokens(path, targets)[: len(path)] == [nodes[n] for n in path]
 
 
+def _independent(p: torch.Tensor) -> dict[tuple[int, ...], float]:
+    """Node acceptances as products of per-head accuracies [heads, top_k] (test inputs only)."""
+    return {
+        n: float(torch.tensor([p[k, r] for k, r in enumerate(n)]).prod())
+        for d in range(1, p.shape[0] + 1)
+        for n in itertools.product(range(p.shape[1]), repeat=d)
+    }
+
+
 def test_best_trees_take_the_likeliest_nodes():
-    p = torch.tensor([[0.6, 0.2, 0.1], [0.4, 0.1, 0.05], [0.3, 0.1, 0.0]])
-    trees = best_trees(p, 6)
+    acceptance = _independent(torch.tensor([[0.6, 0.2, 0.1], [0.4, 0.1, 0.05], [0.3, 0.1, 0.0]]))
+    trees = best_trees(acceptance, 6)
     assert trees[0][0].paths == ((0,),) and trees[0][1] == pytest.approx(1.6)
     # Exhaustive check for size 4: no other parent-closed set of 4 nodes has a larger expectation.
-    all_nodes = [n for d in (1, 2, 3) for n in itertools.product(range(3), repeat=d)]
-
-    def prob(node):
-        return float(torch.tensor([p[k, r] for k, r in enumerate(node)]).prod())
-
     best4 = max(
-        (s for s in itertools.combinations(all_nodes, 4) if all(len(n) == 1 or n[:-1] in s for n in s)),
-        key=lambda s: sum(prob(n) for n in s),
+        (s for s in itertools.combinations(acceptance, 4) if all(len(n) == 1 or n[:-1] in s for n in s)),
+        key=lambda s: sum(acceptance[n] for n in s),
     )
-    assert trees[3][1] == pytest.approx(1 + sum(prob(n) for n in best4))
+    assert trees[3][1] == pytest.approx(1 + sum(acceptance[n] for n in best4))
+
+
+def test_best_trees_keep_parents_on_ties_and_skip_unseen_nodes():
+    # Measured: whenever head 0 was right, head 1 was too (a tie), and no other node was ever accepted.
+    trees = best_trees({(0, 0): 0.3, (0,): 0.3}, 5)
+    assert [t.paths for t, _ in trees] == [((0,),), ((0,), (0, 0))]
+    assert trees[-1][1] == pytest.approx(1.6)
+
+
+def test_chain_hits_follow_the_accepted_path():
+    future = [9, 1, 2, 3, 4, 5]
+    # Row t guesses future[t + 1 + k] at head k: row 0 with ranks 1 then 0, then a miss at head 2.
+    guesses = torch.tensor(
+        [
+            [[7, 1], [2, 8], [8, 8]],  # (1,), (1, 0), then head 2 misses 3
+            [[2, 7], [7, 7], [4, 7]],  # (0,), then head 1 misses: (0, x, 0) is never reached
+            [[7, 7], [4, 7], [5, 7]],  # head 0 misses: nothing, whatever deeper heads say
+        ]
+    )
+    assert chain_hits(guesses, future) == {(1,): 1, (1, 0): 1, (0,): 1}
 
 
 def test_choose_tree_trades_tokens_for_cost():
     from gorgon.engine.speculation import StepCost
 
-    p = torch.tensor([[0.5, 0.2], [0.3, 0.1]])
+    acceptance = _independent(torch.tensor([[0.5, 0.2], [0.3, 0.1]]))
     cheap = StepCost((1, 64), (0.01, 0.0101))  # verification nearly free: take every node
     costly = StepCost((1, 2, 64), (0.01, 0.02, 0.64))  # every row costs a full step: take none but one
-    assert choose_tree(p, lambda rows, depth: cheap.seconds(rows), 6)[0].tree.size == 6
-    assert choose_tree(p, lambda rows, depth: costly.seconds(rows), 6)[0].tree.size == 1
+    assert choose_tree(acceptance, lambda rows, depth: cheap.seconds(rows), 6)[0].tree.size == 6
+    assert choose_tree(acceptance, lambda rows, depth: costly.seconds(rows), 6)[0].tree.size == 1
 
 
 def test_choose_tree_counts_the_ngram_node():
     """The n-gram node costs a row and adds its measured gain for the tree's first-level width."""
-    p = torch.tensor([[0.3, 0.1], [0.1, 0.05]])
+    acceptance = _independent(torch.tensor([[0.3, 0.1], [0.1, 0.05]]))
     seen = []
 
     def cost(rows, depth):
         seen.append((rows, depth))
         return 0.01 * (1 + 0.01 * rows)
 
-    plain = choose_tree(p, cost, 3)[1]
-    with_ngram = choose_tree(p, cost, 3, torch.tensor([0.2, 0.15]))[1]
+    plain = choose_tree(acceptance, cost, 3)[1]
+    with_ngram = choose_tree(acceptance, cost, 3, torch.tensor([0.2, 0.15]))[1]
     for a, b in zip(plain, with_ngram):
         width = a.tree.top_k
         assert b.expected_tokens == pytest.approx(a.expected_tokens + [0.2, 0.15][width - 1])
