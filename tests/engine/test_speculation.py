@@ -410,3 +410,25 @@ def test_freed_slots_are_handed_out_again_in_order():
     shuffled = first[:3] + [first[9], first[4], first[3]] + first[5:9]
     alloc.free(shuffled)
     assert alloc.allocate(12) == list(range(1, 13))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_time_forward_touches_only_the_scratch_slot(shared, monkeypatch):
+    """The start-up and tune-tree cost probes run on the live engine's cache: no request's keys may change.
+    `shared` (a tree's rows over one sequence's keys) and separate sequences both run."""
+    from gorgon.engine.runner import time_forward
+    from gorgon.speculative.tune import VerifyCost
+
+    model = gorgon_from_hf(tiny_hf_model("llama"), torch.float32)
+    engine = LLMEngine(model, None, CONFIG, torch.float32, torch.device("cpu"), set())
+    for k, v in engine.cache.layers:
+        k.normal_(), v.normal_()
+    before = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
+    assert time_forward(engine.runner, 5, repeats=1, context=40, head_depth=2, shared=shared) > 0
+    for (k, v), (k0, v0) in zip(engine.cache.layers, before):
+        assert torch.equal(k[1:], k0[1:]) and torch.equal(v[1:], v0[1:])
+    # tune-tree prices a candidate tree as one sequence's rows.
+    seen = {}
+    monkeypatch.setattr("gorgon.engine.runner.time_forward", lambda *a, **kw: seen.update(kw) or 0.01)
+    VerifyCost(engine.runner)(3, 2)
+    assert seen["shared"] is True and seen["head_depth"] == 2

@@ -209,11 +209,14 @@ def time_forward(
     context: int = 256,
     head_depth: int = 0,
     vocab: DraftVocab | None = None,
+    shared: bool = False,
 ) -> float:
     """Seconds for one step of `rows` decode rows (each over `context` keys) with their logits, and
     `head_depth` more lm_head rows per row (Medusa heads drafting from every verified row; through the
     drafting vocabulary's projection when given, as the runner does): what a verification of that many
-    rows costs. Reads and writes only the scratch slot."""
+    rows costs. `shared`: the rows are one sequence's candidate tree (attention reads their common keys
+    once, as it does for a tree); else each row is a sequence of its own. Reads and writes only the
+    scratch slot."""
     import time
 
     total = _round_up(rows, runner.rows)
@@ -222,6 +225,7 @@ def time_forward(
         [[context - 1] for _ in range(rows)],
         [[SCRATCH_SLOT] * context for _ in range(rows)],
         [SCRATCH_SLOT] * total,
+        [0] * rows if shared else None,
     )
     ids = torch.zeros(total, dtype=torch.long, device=runner.device)
     pos = torch.full((total,), context - 1, dtype=torch.long, device=runner.device)

@@ -152,10 +152,10 @@ def choose_tree(
 
 
 class VerifyCost:
-    """Measured seconds of a verification step: `rows` verified rows (the tree's, plus `branch` n-gram nodes
-    deeper than the first), and the Medusa heads' rows of each through the lm_head (every verified row
-    drafts `depth` heads, as the runner does; through the heads' drafting vocabulary when they have one).
-    Measured once per (rows, depth)."""
+    """Measured seconds of a verification step: `rows` verified rows of one sequence (the tree's, plus
+    `branch` n-gram nodes deeper than the first; attention reads their shared keys once), and the Medusa
+    heads' rows of each through the lm_head (every verified row drafts `depth` heads, as the runner does;
+    through the heads' drafting vocabulary when they have one). Measured once per (rows, depth)."""
 
     def __init__(self, runner, branch: int = 0, vocab=None) -> None:
         self.runner, self.branch, self.vocab, self.cache = runner, branch, vocab, {}
@@ -166,7 +166,9 @@ class VerifyCost:
         rows += max(self.branch - 1, 0)
         depth = max(depth, min(self.branch, 1)) if rows > 1 else 0
         if (rows, depth) not in self.cache:
-            self.cache[rows, depth] = time_forward(self.runner, rows, head_depth=depth, vocab=self.vocab)
+            self.cache[rows, depth] = time_forward(
+                self.runner, rows, head_depth=depth, vocab=self.vocab, shared=True
+            )
         return self.cache[rows, depth]
 
 
