@@ -81,10 +81,10 @@ def chain_hits(guesses: torch.Tensor, future: list[int]) -> Counter:
     hits: Counter = Counter()
     for t, ranked in enumerate(guesses.tolist()):
         path: tuple[int, ...] = ()
-        for k, candidates in enumerate(ranked):
-            if t + 1 + k >= len(future) or future[t + 1 + k] not in candidates:
+        for k, guessed in enumerate(ranked):
+            if t + 1 + k >= len(future) or future[t + 1 + k] not in guessed:
                 break
-            path += (candidates.index(future[t + 1 + k]),)
+            path += (guessed.index(future[t + 1 + k]),)
             hits[path] += 1
     return hits
 
@@ -129,47 +129,75 @@ def ngram_hits(
     return hits
 
 
-def choose_tree(
-    acceptance: Mapping[tuple[int, ...], float], cost, max_nodes: int, ngram: torch.Tensor | None = None
-) -> tuple[TreeChoice, list[TreeChoice]]:
-    """The tree with the most expected tokens per second; also every candidate size, for the report.
-    `acceptance`: each node's measured acceptance (`chain_hits` over the answer positions).
-
-    `cost(rows, depth)`: seconds of a step verifying `rows` rows whose heads draft `depth` deep (VerifyCost).
-    `ngram`: with an n-gram node, its gain [R - 1] for trees whose first level is R wide (`ngram_hits`)."""
-    candidates = []
+def candidates(
+    acceptance: Mapping[tuple[int, ...], float], max_nodes: int, ngram: torch.Tensor | None = None
+) -> list[tuple[CandidateTree, float, int, int]]:
+    """(tree, expected tokens per step, verified rows, head depth) of the best tree of each size: what
+    `choose_tree` prices. `ngram`: with an n-gram node, its gain [R - 1] for trees whose first level is R
+    wide (`ngram_hits`)."""
+    out = []
     for tree, expected in best_trees(acceptance, max_nodes):
-        rows, depth = 1 + tree.size, tree.depth
+        rows = 1 + tree.size
         if ngram is not None:
             # The server's n-gram node falls back to head 0's rank tree.top_k; its gain is counted as if the
             # first level held every rank below that (exact unless a deeper level is wider than the first).
             expected += float(ngram[min(tree.top_k, len(ngram)) - 1])
             rows += 1
+        out.append((tree, expected, rows, tree.depth))
+    return out
+
+
+def choose_tree(
+    acceptance: Mapping[tuple[int, ...], float], cost, max_nodes: int, ngram: torch.Tensor | None = None
+) -> tuple[TreeChoice, list[TreeChoice]]:
+    """The tree with the most expected tokens per second; also every candidate size, for the report.
+    `acceptance`: each node's measured acceptance (`chain_hits` over the answer positions).
+    `cost(rows, depth)`: seconds of a step verifying `rows` rows whose heads draft `depth` deep (VerifyCost).
+    `ngram`: as for `candidates`."""
+    choices = []
+    for tree, expected, rows, depth in candidates(acceptance, max_nodes, ngram):
         seconds = cost(rows, depth)
-        candidates.append(TreeChoice(tree, expected, seconds, expected / seconds))
-    best = max(candidates, key=lambda c: c.tokens_per_second)
-    return best, candidates
+        choices.append(TreeChoice(tree, expected, seconds, expected / seconds))
+    best = max(choices, key=lambda c: c.tokens_per_second)
+    return best, choices
 
 
 class VerifyCost:
     """Measured seconds of a verification step: `rows` verified rows of one sequence (the tree's, plus
     `branch` n-gram nodes deeper than the first; attention reads their shared keys once), and the Medusa
     heads' rows of each through the lm_head (every verified row drafts `depth` heads, as the runner does;
-    through the heads' drafting vocabulary when they have one). Measured once per (rows, depth)."""
+    through the heads' drafting vocabulary when they have one). Each shape keeps its fastest step."""
 
     def __init__(self, runner, branch: int = 0, vocab=None) -> None:
         self.runner, self.branch, self.vocab, self.cache = runner, branch, vocab, {}
 
+    def measure(self, shapes: list[tuple[int, int]], rounds: int = 5) -> None:
+        """Time every (rows, depth) shape `rounds` times, round-robin: this shared machine slows down for
+        seconds at a time, and shapes timed one after another compared a slow spell with a quiet one (a
+        1-row step measured 17.4 ms and 2 rows 22.5 ms in one run, *script*); interleaved, each keeps its
+        fastest step."""
+        for _ in range(rounds):
+            for rows, depth in shapes:
+                self._time(rows, depth)
+
     def __call__(self, rows: int, depth: int) -> float:
+        key = self._key(rows, depth)
+        if key not in self.cache:
+            self._time(rows, depth)
+        return self.cache[key]
+
+    def _key(self, rows: int, depth: int) -> tuple[int, int]:
+        rows += max(self.branch - 1, 0)
+        return rows, (max(depth, min(self.branch, 1)) if rows > 1 else 0)
+
+    def _time(self, rows: int, depth: int) -> None:
         from gorgon.engine.runner import time_forward
 
-        rows += max(self.branch - 1, 0)
-        depth = max(depth, min(self.branch, 1)) if rows > 1 else 0
-        if (rows, depth) not in self.cache:
-            self.cache[rows, depth] = time_forward(
-                self.runner, rows, head_depth=depth, vocab=self.vocab, shared=True
-            )
-        return self.cache[rows, depth]
+        key = self._key(rows, depth)
+        seconds = time_forward(
+            self.runner, key[0], repeats=1, head_depth=key[1], vocab=self.vocab, shared=True
+        )
+        self.cache[key] = min(seconds, self.cache.get(key, float("inf")))
 
 
 def answer_hidden_states(engine, prompt: list[int], answer: list[int]) -> torch.Tensor:
@@ -254,14 +282,15 @@ def run_tune_tree(args) -> int:
             f"{list(path)} {a:.3f}" for path, a in sorted(acceptance.items(), key=lambda x: -x[1])[:12]
         ),
     )
-    best, candidates = choose_tree(
-        acceptance, cost, args.max_nodes, ngram / max(total, 1) if branch else None
-    )
+    gain = ngram / max(total, 1) if branch else None
+    shapes = [(rows, depth) for _, _, rows, depth in candidates(acceptance, args.max_nodes, gain)]
+    cost.measure([(1, 0), *shapes])
+    best, choices = choose_tree(acceptance, cost, args.max_nodes, gain)
     print(
         f"{'nodes':>5} {'tokens/step':>12} {'step ms':>8} {'tokens/s':>9}  (n-gram branch: {branch} node(s))"
     )
     print(f"{0:>5} {1.0:>12.3f} {cost(1, 0) * 1e3:>8.1f} {1 / cost(1, 0):>9.1f}")
-    for c in candidates:
+    for c in choices:
         mark = "  <- chosen" if c is best else ""
         print(
             f"{c.tree.size:>5} {c.expected_tokens:>12.3f} {c.step_seconds * 1e3:>8.1f} {c.tokens_per_second:>9.1f}{mark}"
