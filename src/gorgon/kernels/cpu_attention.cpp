@@ -344,8 +344,14 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     by_group[index_of[g]].push_back(t);
   }
   std::vector<std::pair<const int64_t*, int64_t>> tiles;
+  // With fewer work items than two per thread (one sequence's candidate tree: 3 items on 2 threads left one
+  // thread idle a third of the call), a group's rows are split into more tiles; each re-gathers its keys,
+  // a small cost beside scoring several rows. Tiling never changes a row's result.
+  const int64_t threads = at::get_num_threads();
+  const int64_t min_tiles = (int64_t)by_group.size() * n_kv < 2 * threads ? (2 * threads + n_kv - 1) / n_kv : 1;
   for (const auto& rows : by_group) {  // tiles of at most kTileRows, as even as possible (threads finish together)
-    const int64_t n = rows.size(), count = (n + kTileRows - 1) / kTileRows;
+    const int64_t n = rows.size();
+    const int64_t count = std::min(n, std::max(min_tiles, (n + kTileRows - 1) / kTileRows));
     for (int64_t i = 0, start = 0; i < count; ++i) {
       const int64_t size = n / count + (i < n % count ? 1 : 0);
       tiles.emplace_back(rows.data() + start, size);
