@@ -65,3 +65,63 @@ def test_works_on_weights_made_in_inference_mode():
         states = torch.randn(2, 16)
         vocab = DraftVocab([1, 5, 39], vocab_size=40)
         assert torch.equal(vocab.logits(states, lm_head), lm_head(states)[:, vocab.ids])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_logits_are_the_separate_calls_bitwise(dtype):
+    torch.manual_seed(1)
+    lm_head = InvariantLinear(64, 300, bias=False, dtype=dtype)
+    vocab = DraftVocab([250, 3, 17, 99, 101, 102, 103, 104, 105, 200], vocab_size=300)  # 10: a partial tile
+    rows, states = torch.randn(3, 64, dtype=dtype), torch.randn(7, 64, dtype=dtype)
+    with torch.inference_mode():
+        full, draft = vocab.joint_logits(rows, states, lm_head)
+        assert full.dtype == draft.dtype == torch.float32
+        assert torch.equal(full, lm_head(rows).float())
+        assert torch.equal(draft, vocab.logits(states, lm_head))
+        with torch.no_grad():
+            lm_head.weight.mul_(-1)  # the base weights change: the joint copy follows
+        assert torch.equal(vocab.joint_logits(rows, states, lm_head)[0], lm_head(rows).float())
+
+
+def test_the_runner_drafts_through_the_joint_pass_with_the_same_bits(monkeypatch):
+    """A drafted step without LoRA takes its verification logits and its heads' vocabulary logits from one
+    pass: the same values as the separate projections."""
+    from helpers import gorgon_from_hf, tiny_hf_model
+
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+    from gorgon.engine.kv_cache import KVCache, SlotAllocator
+    from gorgon.engine.request import GenerationRequest, SamplingParams, StoppingParams
+    from gorgon.engine.runner import ModelRunner
+    from gorgon.engine.scheduler import ScheduledChunk, StepPlan
+    from gorgon.engine.sequence import Sequence
+    from gorgon.speculative.tree import CandidateTree
+
+    cpu, dtype = torch.device("cpu"), torch.bfloat16
+    model = gorgon_from_hf(tiny_hf_model("llama"), dtype)
+    torch.manual_seed(0)
+    config = MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=64, vocab_size=320)
+    heads = MedusaHeads(config).to(dtype)
+    heads.draft_vocab = DraftVocab(range(3, 320, 7), vocab_size=320)
+    tree = CandidateTree.from_paths([(0,), (1,), (0, 0)])
+    runner = ModelRunner(model, KVCache(model.config, 512, dtype, cpu), dtype, cpu, tree=tree)
+    alloc = SlotAllocator(512)
+    seq = Sequence(
+        GenerationRequest([5, 6, 7, 8], SamplingParams(), StoppingParams(max_new_tokens=8)), seed=0
+    )
+    seq.slots, seq.node_slots = alloc.allocate(seq.max_tokens), alloc.allocate(tree.size)
+    runner.run(StepPlan([ScheduledChunk(seq, 0, [5, 6, 7], False, False)]))
+    seq.num_cached = 3
+    chunk = ScheduledChunk(seq, 3, [8], False, True)
+    chunk.draft, chunk.draft_heads = [9, 10, 11], heads
+    calls = []
+    joint = DraftVocab.joint_logits
+    monkeypatch.setattr(DraftVocab, "joint_logits", lambda self, *a: calls.append(a) or joint(self, *a))
+    out = runner.run(StepPlan([chunk]))
+    assert len(calls) == 1 and calls[0][1].shape == (4 * tree.depth, 64)  # 4 verified rows x 2 heads
+    with torch.inference_mode():
+        rows = out.hidden[0]  # the root and the 3 tree rows
+        assert torch.equal(out.logits[0], model.logits(rows))
+        states = heads.hidden_states(rows)[:, : tree.depth]
+        expected = heads.draft_vocab.logits(states.reshape(-1, 64), model.lm_head).view(4, tree.depth, -1)
+    assert out.draft_logits[0].vocab is heads.draft_vocab
+    assert torch.equal(out.draft_logits[0].logits, expected)

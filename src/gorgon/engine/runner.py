@@ -104,17 +104,24 @@ class ModelRunner:
         selected = hidden[torch.tensor(flat_rows, device=dev)]
         sizes = [len(r) for r in logit_rows]
         draft_logits: list[DraftLogits | None] = [None] * len(plan.chunks)
-        head_rows, spans = self._draft_head_rows(plan, selected, sizes, draft_logits)
+        head_rows, spans, vocab_groups = self._draft_head_rows(plan, selected, sizes)
         lm_input = torch.cat([selected, *head_rows]) if head_rows else selected
         total_rows = lm_input.shape[0]
         pad_rows = _round_up(total_rows, self.rows) - total_rows
         if pad_rows:
             lm_input = torch.cat([lm_input, lm_input.new_zeros(pad_rows, lm_input.shape[1])])
+        # One drafting vocabulary and no LoRA (the common case): its rows share the lm_head's weight pass.
+        joint = vocab_groups.pop() if lora is None and len(vocab_groups) == 1 else None
+        for members in vocab_groups:
+            self._vocab_logits(plan, members, draft_logits)
         if lora is not None:  # sampled rows, then Medusa head rows: each with its request's LoRA
             head_adapters = [c.seq.lora for c, n in zip(plan.chunks, sizes) for _ in range(n)]
             head_adapters += [plan.chunks[i].seq.lora for i, _, r, d in spans for _ in range(r * d)]
             lora.set_head_rows(head_adapters + [None] * pad_rows)
-        all_logits = self.model.logits(lm_input, lora)
+        if joint is None:
+            all_logits = self.model.logits(lm_input, lora)
+        else:
+            all_logits = self._vocab_logits(plan, joint, draft_logits, lm_input)
         for index, start, rows, depth in spans:
             draft_logits[index] = DraftLogits(all_logits[start : start + rows * depth].view(rows, depth, -1))
         logits = all_logits[:n_logits]
@@ -134,13 +141,13 @@ class ModelRunner:
         self._last_lora = lora
         return lora
 
-    def _draft_head_rows(self, plan: StepPlan, selected: torch.Tensor, sizes: list[int], out: list):
+    def _draft_head_rows(self, plan: StepPlan, selected: torch.Tensor, sizes: list[int]):
         """Medusa v2 heads' hidden states for the rows a chunk may draft from (every verified row, since the
-        accepted one is not known yet; else the last). Heads with a drafting vocabulary get their logits here,
-        in one call per vocabulary (into `out`); the others' states are returned, with their spans, to share
-        the step's one lm_head call (the v2 form: base and speculative logits from a single projection).
-        A request whose LoRA adapter changes lm_head drafts through that call too, so the adapter shapes
-        its drafts as it shapes its tokens."""
+        accepted one is not known yet; else the last). Returns (states to run through the step's one
+        lm_head call, with their spans: the v2 form, base and speculative logits from a single projection;
+        per drafting vocabulary, its chunks' (index, states), for heads that draft from one). A request
+        whose LoRA adapter changes lm_head drafts through the lm_head call, so the adapter shapes its
+        drafts as it shapes its tokens."""
         head_rows, spans = [], []
         by_vocab: dict[int, list[tuple[int, torch.Tensor]]] = {}
         start, offset = sum(sizes), 0
@@ -159,15 +166,22 @@ class ModelRunner:
             head_rows.append(states.reshape(-1, states.shape[-1]))
             spans.append((index, start, rows.shape[0], self.tree.depth))
             start += rows.shape[0] * self.tree.depth
-        for members in by_vocab.values():
-            vocab = plan.chunks[members[0][0]].draft_heads.draft_vocab
-            flat = torch.cat([states.reshape(-1, states.shape[-1]) for _, states in members])
-            logits = vocab.logits(flat, self.model.lm_head)
-            for (index, states), part in zip(
-                members, logits.split([s.shape[0] * s.shape[1] for _, s in members])
-            ):
-                out[index] = DraftLogits(part.view(states.shape[0], states.shape[1], -1), vocab)
-        return head_rows, spans
+        return head_rows, spans, list(by_vocab.values())
+
+    def _vocab_logits(self, plan: StepPlan, members: list, out: list, lm_input: torch.Tensor | None = None):
+        """The drafting vocabulary's logits of `members` (chunk index, head states) into `out`. With
+        `lm_input`, in one weight pass with the lm_head's logits of those rows, which it returns."""
+        vocab = plan.chunks[members[0][0]].draft_heads.draft_vocab
+        flat = torch.cat([states.reshape(-1, states.shape[-1]) for _, states in members])
+        if lm_input is None:
+            logits, full = vocab.logits(flat, self.model.lm_head), None
+        else:
+            full, logits = vocab.joint_logits(lm_input, flat, self.model.lm_head)
+        for (index, states), part in zip(
+            members, logits.split([s.shape[0] * s.shape[1] for _, s in members])
+        ):
+            out[index] = DraftLogits(part.view(states.shape[0], states.shape[1], -1), vocab)
+        return full
 
     def _add_tree_rows(self, chunk, row, ids, positions, write_slots, table_rows, table_pos, tables) -> int:
         """Rows for the chunk's candidate tree: node i at position root + depth, in the sequence's scratch slot
@@ -235,9 +249,9 @@ def time_forward(
         hidden = runner.model(ids, pos, runner.cache.layers, meta)
         if vocab is None:
             runner.model.logits(hidden[:rows].repeat(1 + head_depth, 1))
+        elif head_depth:  # as the runner: the heads' rows share the lm_head's pass
+            vocab.joint_logits(hidden[:rows], hidden[:rows].repeat(head_depth, 1), runner.model.lm_head)
         else:
             runner.model.logits(hidden[:rows])
-            if head_depth:
-                vocab.logits(hidden[:rows].repeat(head_depth, 1), runner.model.lm_head)
         best = min(best, time.perf_counter() - start)
     return best

@@ -57,10 +57,10 @@ struct Traits<float> {
 // MB rows of x against one packed tile of kTileN weight rows.
 // pf/pf_lines: cache lines (of the next tile) to prefetch into L2 during this pass (several passes over one tile are
 // compute-bound; without this the next tile's memory latency is not hidden behind them).
-template <typename T, int MB>
+// store(i, n, v): output row i of this pass, output column n, the float32 result.
+template <typename T, int MB, typename Store>
 inline void tile(const typename Traits<T>::raw* x, int64_t K, const typename Traits<T>::raw* wt,
-                 const float* bias, typename Traits<T>::raw* y, int64_t N, int64_t n0, const char* pf,
-                 int64_t pf_lines) {
+                 const float* bias, int64_t N, int64_t n0, const char* pf, int64_t pf_lines, Store&& store) {
   using Tr = Traits<T>;
   constexpr int C = Tr::kChunk;
   __m512 acc[MB][kTileN];
@@ -89,8 +89,42 @@ inline void tile(const typename Traits<T>::raw* x, int64_t K, const typename Tra
     for (int j = 0; j < cols; ++j) {
       float v = _mm512_reduce_add_ps(acc[i][j]);  // fixed shuffle tree
       if (bias) v += bias[n0 + j];
-      Tr::store(y + i * N + n0 + j, v);
+      store(i, n0 + j, v);
     }
+}
+
+// Every tile of a packed weight against rows_of(t) rows of x (a prefix of its rows), each thread taking whole
+// tiles: every weight byte is read once per call, by one thread. store(row, n, v) receives the results.
+template <typename T, typename RowsOf, typename Store>
+void for_tiles(const typename Traits<T>::raw* xp, int64_t K, const typename Traits<T>::raw* wp, int64_t N,
+               const float* bias, RowsOf&& rows_of, Store&& store) {
+  constexpr int C = Traits<T>::kChunk;
+  const int64_t chunks = (K + C - 1) / C, n_tiles = (N + kTileN - 1) / kTileN;
+  const int64_t tile_elems = chunks * kTileN * C;
+  at::parallel_for(0, n_tiles, 2, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t M = rows_of(t);
+      const auto* wt = wp + t * tile_elems;
+      // Passes after the first (compute-bound re-reads of this tile) share out prefetching the next tile.
+      const int64_t later = (M + kMaxTileM - 1) / kMaxTileM - 1;
+      const int64_t lines = t + 1 < t1 ? (tile_elems * (int64_t)sizeof(*wp) + 63) / 64 : 0;
+      const char* next = (const char*)(wt + tile_elems);
+      auto prefetch_lines = [&](int64_t pass) -> std::pair<int64_t, int64_t> {
+        if (pass == 0 || later == 0) return {0, 0};
+        return {lines * (pass - 1) / later, lines * pass / later};
+      };
+      int64_t m = 0, pass = 0;
+      auto at_row = [&](int i, int64_t n, float v) { store(m + i, n, v); };
+      for (; m + kMaxTileM <= M; m += kMaxTileM, ++pass) {
+        const auto [lo, hi] = prefetch_lines(pass);
+        tile<T, kMaxTileM>(xp + m * K, K, wt, bias, N, t * kTileN, next + lo * 64, hi - lo, at_row);
+      }
+      if (m < M) {
+        const auto [lo, hi] = prefetch_lines(pass);
+        tile<T, 1>(xp + m * K, K, wt, bias, N, t * kTileN, next + lo * 64, hi - lo, at_row);
+      }
+    }
+  });
 }
 
 template <typename T>
@@ -105,34 +139,39 @@ torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, i
   torch::Tensor bias_f;
   if (b.has_value() && b->defined()) bias_f = b->to(torch::kFloat32).contiguous();
   const float* bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const raw* xp = reinterpret_cast<const raw*>(x.data_ptr<T>());
-  const raw* wp = reinterpret_cast<const raw*>(packed.data_ptr<T>());
   raw* yp = reinterpret_cast<raw*>(y.data_ptr<T>());
-  // Each thread takes whole tiles: every weight byte is read once per call, by one thread.
-  at::parallel_for(0, n_tiles, 2, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t tile_elems = chunks * kTileN * C;
-      const raw* wt = wp + t * tile_elems;
-      // Passes after the first (compute-bound re-reads of this tile) share out prefetching the next tile.
-      const int64_t later = (M + kMaxTileM - 1) / kMaxTileM - 1;
-      const int64_t lines = t + 1 < t1 ? (tile_elems * (int64_t)sizeof(raw) + 63) / 64 : 0;
-      const char* next = (const char*)(wt + tile_elems);
-      auto prefetch_lines = [&](int64_t pass) -> std::pair<int64_t, int64_t> {
-        if (pass == 0 || later == 0) return {0, 0};
-        return {lines * (pass - 1) / later, lines * pass / later};
-      };
-      int64_t m = 0, pass = 0;
-      for (; m + kMaxTileM <= M; m += kMaxTileM, ++pass) {
-        const auto [lo, hi] = prefetch_lines(pass);
-        tile<T, kMaxTileM>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN, next + lo * 64, hi - lo);
-      }
-      if (m < M) {
-        const auto [lo, hi] = prefetch_lines(pass);
-        tile<T, 1>(xp + m * K, K, wt, bias, yp + m * N, N, t * kTileN, next + lo * 64, hi - lo);
-      }
-    }
-  });
+  for_tiles<T>(
+      reinterpret_cast<const raw*>(x.data_ptr<T>()), K, reinterpret_cast<const raw*>(packed.data_ptr<T>()), N, bias,
+      [&](int64_t) { return M; }, [&](int64_t row, int64_t n, float v) { Traits<T>::store(yp + row * N + n, v); });
   return y;
+}
+
+// Rows [0, m_full) against every column of a packed weight whose rows were permuted (packed column n is output
+// column col_of[n]), rows [m_full, M) against its first n_prefix packed columns only: two projections that share
+// weights (the full lm_head and a drafting vocabulary packed first) in one pass over them.
+template <typename T>
+std::vector<torch::Tensor> joint_impl(const torch::Tensor& x, const torch::Tensor& packed, int64_t N, int64_t m_full,
+                                      int64_t n_prefix, const torch::Tensor& col_of) {
+  using raw = typename Traits<T>::raw;
+  constexpr int C = Traits<T>::kChunk;
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t chunks = (K + C - 1) / C, n_tiles = (N + kTileN - 1) / kTileN;
+  TORCH_CHECK(packed.numel() == n_tiles * chunks * kTileN * C, "invariant_linear_joint: packed weight does not fit");
+  auto full = torch::empty({m_full, N}, x.options());
+  auto prefix = torch::empty({M - m_full, n_prefix}, x.options());
+  raw* fp = reinterpret_cast<raw*>(full.data_ptr<T>());
+  raw* pp = reinterpret_cast<raw*>(prefix.data_ptr<T>());
+  const int64_t* cols = col_of.data_ptr<int64_t>();
+  for_tiles<T>(
+      reinterpret_cast<const raw*>(x.data_ptr<T>()), K, reinterpret_cast<const raw*>(packed.data_ptr<T>()), N, nullptr,
+      [&](int64_t t) { return t * kTileN < n_prefix ? M : m_full; },
+      [&](int64_t row, int64_t n, float v) {
+        if (row < m_full)
+          Traits<T>::store(fp + row * N + cols[n], v);
+        else if (n < n_prefix)
+          Traits<T>::store(pp + (row - m_full) * n_prefix + n, v);
+      });
+  return {full, prefix};
 }
 
 template <typename T>
@@ -164,3 +203,17 @@ torch::Tensor invariant_linear(torch::Tensor x, torch::Tensor packed, int64_t N,
   TORCH_CHECK(false, "invariant_linear: only bfloat16 and float32");
 }
 
+
+std::vector<torch::Tensor> invariant_linear_joint(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t m_full,
+                                                  int64_t n_prefix, torch::Tensor col_of) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == packed.scalar_type(), "invariant_linear_joint: 2-D x of the weight's dtype");
+  TORCH_CHECK(0 <= m_full && m_full <= x.size(0) && 0 <= n_prefix && n_prefix <= N, "invariant_linear_joint: bad split");
+  TORCH_CHECK(col_of.scalar_type() == torch::kLong && col_of.numel() == N, "invariant_linear_joint: col_of must be N int64");
+  x = x.contiguous();
+  col_of = col_of.contiguous();
+  const int64_t* cols = col_of.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(0 <= cols[n] && cols[n] < N, "invariant_linear_joint: col_of out of range");
+  if (x.scalar_type() == torch::kBFloat16) return joint_impl<c10::BFloat16>(x, packed, N, m_full, n_prefix, col_of);
+  if (x.scalar_type() == torch::kFloat32) return joint_impl<float>(x, packed, N, m_full, n_prefix, col_of);
+  TORCH_CHECK(false, "invariant_linear_joint: only bfloat16 and float32");
+}
