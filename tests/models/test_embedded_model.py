@@ -125,6 +125,7 @@ def test_shipped_medusa_adapters_are_exact_in_bfloat16(checkpoint, name):
     model = build_model(checkpoint, dtype, dev)
     spec = SpeculationConfig(adapter_id=str(shipped_adapter_dir(name)), adapter_source="local")
     speculator = build_speculator(spec, model, checkpoint.model_id, dtype, dev)
+    assert speculator.heads.draft_vocab.joint_pass  # the default heads draft in the lm_head's pass
     config = EngineConfig(measure_speculation_cost=False)
     prompts = [chat(checkpoint.tokenizer, q) for q in QUESTIONS]
 

@@ -102,6 +102,9 @@ def test_the_runner_drafts_through_the_joint_pass_with_the_same_bits(monkeypatch
     config = MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=64, vocab_size=320)
     heads = MedusaHeads(config).to(dtype)
     heads.draft_vocab = DraftVocab(range(3, 320, 7), vocab_size=320)
+    heads.draft_vocab.joint_pass = (
+        True  # as the server's default heads (per-request heads: a call of their own)
+    )
     tree = CandidateTree.from_paths([(0,), (1,), (0, 0)])
     runner = ModelRunner(model, KVCache(model.config, 512, dtype, cpu), dtype, cpu, tree=tree)
     alloc = SlotAllocator(512)

@@ -110,8 +110,14 @@ class ModelRunner:
         pad_rows = _round_up(total_rows, self.rows) - total_rows
         if pad_rows:
             lm_input = torch.cat([lm_input, lm_input.new_zeros(pad_rows, lm_input.shape[1])])
-        # One drafting vocabulary and no LoRA (the common case): its rows share the lm_head's weight pass.
-        joint = vocab_groups.pop() if lora is None and len(vocab_groups) == 1 else None
+        # The default heads' drafting vocabulary and no LoRA (the common case): its rows share the lm_head's
+        # weight pass. Other vocabularies (per-request heads) take a call of their own.
+        joint = (
+            next((g for g in vocab_groups if self._vocab_of(plan, g).joint_pass), None)
+            if lora is None
+            else None
+        )
+        vocab_groups = [g for g in vocab_groups if g is not joint]
         for members in vocab_groups:
             self._vocab_logits(plan, members, draft_logits)
         if lora is not None:  # sampled rows, then Medusa head rows: each with its request's LoRA
@@ -171,7 +177,7 @@ class ModelRunner:
     def _vocab_logits(self, plan: StepPlan, members: list, out: list, lm_input: torch.Tensor | None = None):
         """The drafting vocabulary's logits of `members` (chunk index, head states) into `out`. With
         `lm_input`, in one weight pass with the lm_head's logits of those rows, which it returns."""
-        vocab = plan.chunks[members[0][0]].draft_heads.draft_vocab
+        vocab = self._vocab_of(plan, members)
         flat = torch.cat([states.reshape(-1, states.shape[-1]) for _, states in members])
         if lm_input is None:
             logits, full = vocab.logits(flat, self.model.lm_head), None
@@ -182,6 +188,10 @@ class ModelRunner:
         ):
             out[index] = DraftLogits(part.view(states.shape[0], states.shape[1], -1), vocab)
         return full
+
+    @staticmethod
+    def _vocab_of(plan: StepPlan, members: list):
+        return plan.chunks[members[0][0]].draft_heads.draft_vocab
 
     def _add_tree_rows(self, chunk, row, ids, positions, write_slots, table_rows, table_pos, tables) -> int:
         """Rows for the chunk's candidate tree: node i at position root + depth, in the sequence's scratch slot

@@ -259,6 +259,8 @@ def build_speculator(spec: SpeculationConfig, model, model_id: str, dtype, devic
         else:
             tree = CandidateTree.load(tree_spec)
         speculator = Speculator(heads, model.lm_head, tree, spec.max_batch_size, spec.ngram_branch)
+        if heads.draft_vocab is not None:  # the default heads draft in the lm_head's pass (see DraftVocab)
+            heads.draft_vocab.joint_pass = True
         log.info(
             "speculating with Medusa adapter %s (%s), tree of %d nodes (%d of them n-gram)",
             spec.adapter_id,

@@ -22,6 +22,11 @@ from gorgon.kernels.linear import InvariantLinear, kernel_available, weight_vers
 
 
 class DraftVocab:
+    # Whether the runner takes these logits from the lm_head's pass (`joint_logits`). That keeps a packed copy
+    # of the whole lm_head (57 MB on the embedded model, far more on large vocabularies), so only the
+    # server's default heads do; per-request heads use their rows' copy.
+    joint_pass = False
+
     def __init__(self, token_ids, vocab_size: int) -> None:
         ids = np.unique(np.asarray(token_ids, dtype=np.int64))
         if len(ids) == 0 or ids[0] < 0 or ids[-1] >= vocab_size:
