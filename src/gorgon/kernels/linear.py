@@ -71,7 +71,7 @@ class InvariantLinear(torch.nn.Linear):
 
     def _packed_weight(self, w: torch.Tensor) -> torch.Tensor | None:
         """The kernel's packed copy of `w`, or None where the kernel cannot run it (dtype, device, CPU)."""
-        key = (w.data_ptr(), weight_version(w))  # a new tensor, or this one changed in place
+        key = (w.data_ptr(), w.dtype, weight_version(w))  # a new tensor, or this one changed in place
         if self._packed_key != key:
             self._packed = (
                 _extension().pack_weight(w.detach()) if kernel_available(w.dtype, w.device) else None
