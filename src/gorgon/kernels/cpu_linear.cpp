@@ -127,14 +127,20 @@ void for_tiles(const typename Traits<T>::raw* xp, int64_t K, const typename Trai
   });
 }
 
+// A packed weight holds whole tiles of an [N, K] weight, K in whole chunks.
+template <typename T>
+void check_packed(const torch::Tensor& packed, int64_t N, int64_t K, const char* name) {
+  constexpr int C = Traits<T>::kChunk;
+  const int64_t chunks = (K + C - 1) / C, n_tiles = (N + kTileN - 1) / kTileN;
+  TORCH_CHECK(packed.numel() == n_tiles * chunks * kTileN * C, name, ": packed weight does not fit");
+}
+
 template <typename T>
 torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                           const c10::optional<torch::Tensor>& b) {
   using raw = typename Traits<T>::raw;
-  constexpr int C = Traits<T>::kChunk;
   const int64_t M = x.size(0), K = x.size(1);
-  const int64_t chunks = (K + C - 1) / C, n_tiles = (N + kTileN - 1) / kTileN;
-  TORCH_CHECK(packed.numel() == n_tiles * chunks * kTileN * C, "invariant_linear: packed weight does not fit");
+  check_packed<T>(packed, N, K, "invariant_linear");
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor bias_f;
   if (b.has_value() && b->defined()) bias_f = b->to(torch::kFloat32).contiguous();
@@ -153,10 +159,8 @@ template <typename T>
 std::vector<torch::Tensor> joint_impl(const torch::Tensor& x, const torch::Tensor& packed, int64_t N, int64_t m_full,
                                       int64_t n_prefix, const torch::Tensor& col_of) {
   using raw = typename Traits<T>::raw;
-  constexpr int C = Traits<T>::kChunk;
   const int64_t M = x.size(0), K = x.size(1);
-  const int64_t chunks = (K + C - 1) / C, n_tiles = (N + kTileN - 1) / kTileN;
-  TORCH_CHECK(packed.numel() == n_tiles * chunks * kTileN * C, "invariant_linear_joint: packed weight does not fit");
+  check_packed<T>(packed, N, K, "invariant_linear_joint");
   auto full = torch::empty({m_full, N}, x.options());
   auto prefix = torch::empty({M - m_full, n_prefix}, x.options());
   raw* fp = reinterpret_cast<raw*>(full.data_ptr<T>());
