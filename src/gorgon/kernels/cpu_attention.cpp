@@ -32,11 +32,7 @@ constexpr int64_t kBlock = 256;
 constexpr int64_t kLanes = 16;
 constexpr int64_t kTileRows = 8;  // query rows per work item (each with all heads of one key-value head)
 
-// 16 cache values as float32 (bfloat16 widens exactly: its bits are the top half of a float32).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+using gorgon::load16;  // 16 cache values as float32 (a bfloat16 cache widens exactly)
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 

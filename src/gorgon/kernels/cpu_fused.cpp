@@ -18,15 +18,8 @@ namespace {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
-// 16 values (or the first n, the rest reading as 0) as float32; bfloat16 widens exactly (its bits are the top
-// half of a float32).
-inline __m512 load16(const float* p, int n = 16) {
-  return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
-}
-inline __m512 load16(const c10::BFloat16* p, int n = 16) {
-  const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using gorgon::load16;
+
 // The first n of 16 float32 values, rounded to the type (bfloat16: to nearest even, as c10::BFloat16 does).
 inline void store16(float* p, __m512 v, int n = 16) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v); }
 inline void store16(c10::BFloat16* p, __m512 v, int n = 16) {
@@ -37,7 +30,7 @@ template <typename T>
 inline __m512 rounded(__m512 v) { return v; }
 template <>
 inline __m512 rounded<c10::BFloat16>(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+  return gorgon::widen_bf16((__m256i)_mm512_cvtneps_pbh(v));
 }
 
 // One row, 16 lanes at a time: residual += x (rounded to the type) when x is given, then

@@ -1,9 +1,25 @@
 // Vector math shared by the CPU kernels (AVX-512).
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 namespace gorgon {
+
+// 16 bfloat16 bit patterns widened to float32, exactly (a bfloat16's bits are the top half of a float32).
+inline __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// 16 values as float32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) { return widen_bf16(_mm256_loadu_si256((const __m256i*)p)); }
+
+// The first n of 16 values as float32, the other lanes 0 (a row's tail).
+inline __m512 load16(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+inline __m512 load16(const c10::BFloat16* p, int n) {
+  return widen_bf16(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p));
+}
 
 // e^x for x in [-120, 88]: range reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial (relative
 // error < 6e-9, below float32's half ulp) and an exact scaling by 2^n.
