@@ -81,7 +81,7 @@ class DraftVocab:
         )
         if not usable:
             return None
-        key = (weight.data_ptr(), weight.dtype, weight.device, weight_version(weight))
+        key = _weight_key(weight)
         if self._joint is None or self._joint_key != key:  # first use, or the base weights changed
             rest = np.setdiff1d(np.arange(weight.shape[0]), self.ids_array)
             col_of = torch.from_numpy(np.concatenate([self.ids_array, rest])).to(weight.device)
@@ -95,7 +95,7 @@ class DraftVocab:
 
     def _projection_for(self, lm_head: torch.nn.Module) -> InvariantLinear:
         weight = lm_head.weight
-        key = (weight.data_ptr(), weight.dtype, weight.device, weight_version(weight))
+        key = _weight_key(weight)
         if self._projection is None or self._key != key:  # first use, or the base weights changed
             rows = weight.detach()[self.ids.to(weight.device)]
             proj = InvariantLinear(
@@ -106,3 +106,9 @@ class DraftVocab:
             proj.requires_grad_(False)
             self._projection, self._key = proj, key
         return self._projection
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    """What identifies the lm_head weights a copy was made from: a new tensor, or this one changed in place,
+    makes the copies here stale."""
+    return weight.data_ptr(), weight.dtype, weight.device, weight_version(weight)
