@@ -140,10 +140,13 @@ def _alternatives(logprobs: torch.Tensor, rows: list[RowSampling]) -> list[list[
     return out
 
 
-def _greedy_kernel(logits: torch.Tensor) -> bool:
-    """Whether the CPU kernel can pick these rows' argmax and logprob (float32 CPU logits): one vectorised
-    pass per row instead of torch's argmax, log_softmax and gather."""
-    return logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_extension() is not None
+def kernel_rows(rows: list[RowSampling], logits: torch.Tensor) -> list[int]:
+    """The rows whose token and logprob come from the CPU greedy kernel (greedy rows without alternatives,
+    when the logits are float32 on the CPU): one vectorised pass instead of torch's argmax, log_softmax and
+    gather. Its logprob rounds in its own order, a few ulps from log_softmax's."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or cpu_extension() is None:
+        return []
+    return [i for i, row in enumerate(rows) if row.params.greedy and not row.top_n]
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
@@ -156,9 +159,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
     processed = process_logits(logits, rows)
     # Greedy rows without alternatives go through the kernel whatever else is in the step (its logprob
     # rounds differently from log_softmax's: a row must not get other bits in another batch).
-    picked = [i for i, row in enumerate(rows) if row.params.greedy and not row.top_n]
-    if not _greedy_kernel(processed):
-        picked = []
+    picked = kernel_rows(rows, processed)
     if picked and len(picked) == len(rows):
         token_ids, logprobs = cpu_extension().greedy_pick(processed)
         return SampleResult(token_ids=token_ids, logprobs=logprobs, alternatives=[[] for _ in rows])
