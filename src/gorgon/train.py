@@ -81,6 +81,14 @@ class MedusaArguments:
         },
     )
     medusa_head_decay: float = field(default=0.8, metadata={"help": "head k's loss weight is decay^k"})
+    medusa_distill: float = field(
+        default=0.0,
+        metadata={
+            "help": "0..1: share of the base model's own distribution over each target (a soft label, from "
+            "the hidden states already computed) in the heads' training loss; 0 is the reference's plain "
+            "cross-entropy"
+        },
+    )
     medusa_ngram_table: bool = field(
         default=True,
         metadata={
@@ -99,6 +107,8 @@ class MedusaArguments:
     )
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.medusa_distill <= 1.0:
+            raise ValueError(f"--medusa_distill must be between 0 and 1, got {self.medusa_distill}")
         if self.medusa_train_vocab == "ngrams" and (self.medusa_version != 2 or not self.medusa_ngram_table):
             raise ValueError(
                 "--medusa_train_vocab ngrams trains v2 heads over their n-gram table's tokens: it needs "

@@ -107,6 +107,14 @@ def test_a_training_vocabulary_needs_v2_heads_with_their_table(tmp_path, monkeyp
             parse_train_args(["--data_path", "d", "--medusa_train_vocab", "ngrams", *extra])
 
 
+def test_distillation_share_is_a_fraction(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse_train_args(["--data_path", "d"])[2].medusa_distill == 0.0  # the reference's loss
+    assert parse_train_args(["--data_path", "d", "--medusa_distill", "0.5"])[2].medusa_distill == 0.5
+    with pytest.raises(ValueError, match="medusa_distill"):
+        parse_train_args(["--data_path", "d", "--medusa_distill", "1.5"])
+
+
 def test_gorgon_train_hands_its_argv_to_the_trainer_parser(monkeypatch):
     seen = {}
 

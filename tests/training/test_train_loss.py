@@ -105,8 +105,32 @@ def test_linear_cross_entropy_matches_autograd(monkeypatch):
     torch.testing.assert_close(gw, rw_)
 
 
-def _brute_force(heads, hidden, labels, lm_weight, decay=0.8):
-    """The reference recipe over full logits: CE(logits_k[:, :-(2+k)], labels[:, 2+k:]), weights decay^k."""
+@pytest.mark.parametrize("distill", [0.4, 1.0])
+def test_linear_cross_entropy_with_a_teacher_matches_autograd(monkeypatch, distill):
+    monkeypatch.setattr(ml, "LOGIT_CHUNK_ELEMENTS", 500)
+    monkeypatch.setattr(ml, "SOFTMAX_SLICE_ELEMENTS", 120)
+    torch.manual_seed(1)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    teacher, teacher_w = torch.randn(37, 16), torch.randn(50, 16)
+    t, rw = torch.randint(0, 50, (37,)), torch.rand(37)
+    loss, ce, hit = linear_cross_entropy(x, w, t, rw, torch.float32, teacher, teacher_w, distill)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    logits = x @ w.T
+    hard = F.cross_entropy(logits, t, reduction="none")
+    soft = -(torch.softmax(teacher @ teacher_w.T, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    ref = (((1 - distill) * hard + distill * soft) * rw).sum()
+    rx, rw_ = torch.autograd.grad(ref, (x, w))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(ce, hard.detach())  # the per-row figure stays the hard CE (logged)
+    assert torch.equal(hit, logits.argmax(-1) == t)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw_)
+
+
+def _brute_force(heads, hidden, labels, lm_weight, decay=0.8, distill=0.0):
+    """The reference recipe over full logits: CE(logits_k[:, :-(2+k)], labels[:, 2+k:]), weights decay^k;
+    with `distill`, mixed with CE against the base distribution lm_head(hidden[:, 1+k:-1]) over each target."""
     lm = torch.nn.Linear(hidden.shape[-1], lm_weight.shape[0], bias=False)
     lm.weight = torch.nn.Parameter(lm_weight, requires_grad=False)
     logits = heads.logits(hidden, lm)  # (B, T, K, V)
@@ -125,12 +149,16 @@ def _brute_force(heads, hidden, labels, lm_weight, decay=0.8):
         loss_k = F.cross_entropy(lk, yk, ignore_index=X)
         keep = yk != X
         per_head.append((loss_k.item(), (lk[keep].argmax(-1) == yk[keep]).float().mean().item()))
+        if distill:
+            base = torch.softmax(hidden[:, 1 + k : -1] @ lm_weight.T, -1).reshape(-1, lm_weight.shape[0])
+            soft = -(base * torch.log_softmax(lk, -1)).sum(-1)[keep].mean()
+            loss_k = (1 - distill) * loss_k + distill * soft
         loss = loss + decay**k * loss_k
     return loss, per_head, sum(accepted) / len(accepted)
 
 
-@pytest.mark.parametrize("version, layers", [(2, 1), (1, 2)])
-def test_medusa_loss_matches_the_reference_recipe(version, layers):
+@pytest.mark.parametrize("version, layers, distill", [(2, 1, 0.0), (1, 2, 0.0), (2, 1, 0.5), (1, 2, 0.5)])
+def test_medusa_loss_matches_the_reference_recipe(version, layers, distill):
     torch.manual_seed(0)
     B, T, H, V, K = 3, 30, 16, 6, 3  # a small vocabulary: many hits, so chains of hits occur
     cfg = MedusaConfig(num_heads=K, num_layers=layers, version=version, hidden_size=H, vocab_size=V)
@@ -144,9 +172,9 @@ def test_medusa_loss_matches_the_reference_recipe(version, layers):
     labels[0, :5] = X  # a prompt
     labels[1, 3:8] = X  # a user turn between two answers
     labels[2, 9:] = X  # padding
-    out = medusa_loss(heads, hidden, labels, lm_weight)
+    out = medusa_loss(heads, hidden, labels, lm_weight, distill=distill)
     grads = torch.autograd.grad(out.loss, list(heads.parameters()))
-    ref, per_head, accepted = _brute_force(heads, hidden, labels, lm_weight)
+    ref, per_head, accepted = _brute_force(heads, hidden, labels, lm_weight, distill=distill)
     ref_grads = torch.autograd.grad(ref, list(heads.parameters()))
     torch.testing.assert_close(out.loss, ref)
     for g, r in zip(grads, ref_grads):

@@ -144,6 +144,39 @@ def test_a_training_vocabulary_restricts_the_training_softmax_only():
     assert torch.equal(everything(hidden, labels)["loss"], full.loss)
 
 
+def test_distillation_mixes_soft_labels_into_training_only():
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+    from gorgon.training.medusa_loss import medusa_loss
+    from gorgon.training.train_medusa import MedusaTrainingModel
+
+    torch.manual_seed(0)
+    V, H = 40, 16
+    lm = torch.randn(V, H)
+    heads = MedusaHeads.init_for_training(
+        MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=H, vocab_size=V), lm
+    )
+    hidden, labels = torch.randn(2, 9, H), torch.randint(0, V, (2, 9))
+    model = MedusaTrainingModel(heads, lm, distill=0.5).train()
+    got = model(hidden, labels)
+    want = medusa_loss(heads, hidden, labels, lm, distill=0.5)
+    assert torch.equal(got["loss"], want.loss)
+    assert not torch.allclose(got["loss"], medusa_loss(heads, hidden, labels, lm).loss)
+    model.eval()  # validation figures stay the plain cross-entropy: comparable between runs
+    assert torch.equal(model(hidden, labels)["loss"], medusa_loss(heads, hidden, labels, lm).loss)
+
+
+def test_training_with_distillation_end_to_end(tiny_model_dir, tmp_path):
+    data = write_conversations(tmp_path / "data.json")
+    argv = train_argv(tiny_model_dir, data, tmp_path / "out", "--medusa_num_heads", "2")
+    result = train_medusa(
+        *parse_train_args([*argv, "--medusa_train_vocab", "ngrams", "--medusa_distill", "0.5"])
+    )
+    train_logs = [h for h in result.log_history if "loss" in h]
+    assert train_logs[-1]["loss"] < 0.9 * train_logs[0]["loss"]
+    assert result.summary.eval_metrics["head0_top1"] > 0.2
+    assert "(self-distillation)" in (result.output_dir / "README.md").read_text()
+
+
 def test_training_over_the_ngram_vocabulary(tiny_model_dir, tmp_path):
     data = write_conversations(tmp_path / "data.json")
     argv = train_argv(tiny_model_dir, data, tmp_path / "out", "--medusa_num_heads", "2")

@@ -7,6 +7,13 @@ positions where at least one head has a label are run through the heads, and onl
 with a label through the LM head: the vocabulary projection is most of the cost. That projection and its
 cross-entropy run in chunks whose gradient is computed on the spot, so at most one chunk of logits
 ([rows, vocab]) exists at a time, whatever the batch.
+
+Self-distillation (`distill` > 0) mixes in the base model's own distribution over the target token as a soft
+label: the target t+2+k follows position t+1+k, whose final hidden state is in the same batch, so the
+teacher's logits are that hidden state through the same lm_head (the same vocabulary, no extra model pass).
+Head k's loss becomes (1 - distill) * CE(target) + distill * CE(teacher distribution): on greedy answers the
+hard label is the teacher's argmax, and the soft one adds how close the runners-up were (a data-limited head
+overfits less; its probabilities, which the n-gram rerank multiplies, are better calibrated).
 """
 
 from __future__ import annotations
@@ -45,27 +52,51 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, row_weights, compute_dtype, chunk_rows, slice_rows):
+    def forward(
+        ctx,
+        x,
+        weight,
+        targets,
+        row_weights,
+        compute_dtype,
+        chunk_rows,
+        slice_rows,
+        teacher,
+        teacher_weight,
+        distill,
+    ):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         rows = x.shape[0]
         ce = torch.zeros(rows, dtype=torch.float32, device=x.device)
+        row_loss = ce if teacher is None else torch.zeros_like(ce)  # what the loss sums (hard CE alone: ce)
         correct = torch.zeros(rows, dtype=torch.bool, device=x.device)
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.detach().to(compute_dtype), weight.detach().to(compute_dtype)
+            tc = teacher.detach().to(compute_dtype) if teacher is not None else None
+            twc = teacher_weight.detach().to(compute_dtype) if teacher is not None else None
             for s in range(0, rows, chunk_rows):
                 e = min(s + chunk_rows, rows)
                 logits = xc[s:e] @ wc.T  # (c, V) in the compute dtype
+                teacher_logits = tc[s:e] @ twc.T if tc is not None else None
                 for a in range(0, e - s, slice_rows):
                     b = min(a + slice_rows, e - s)
                     t = targets[s + a : s + b]
-                    p = torch.softmax(logits[a:b], dim=-1, dtype=torch.float32)
+                    log_p = torch.log_softmax(logits[a:b], dim=-1, dtype=torch.float32)
+                    p = log_p.exp()
                     hit = torch.arange(b - a, device=p.device), t
-                    ce[s + a : s + b] = -p[hit].clamp_min(1e-30).log()
+                    ce[s + a : s + b] = -log_p[hit]
                     correct[s + a : s + b] = p.argmax(-1) == t
-                    p[hit] -= 1  # d CE / d logits = softmax - onehot
+                    if teacher_logits is None:
+                        p[hit] -= 1  # d CE / d logits = softmax - onehot
+                    else:  # d / d logits = softmax - the mixed target
+                        q = torch.softmax(teacher_logits[a:b], dim=-1, dtype=torch.float32)
+                        soft = -(q * log_p).sum(-1)
+                        row_loss[s + a : s + b] = (1 - distill) * ce[s + a : s + b] + distill * soft
+                        p.sub_(q, alpha=distill)
+                        p[hit] -= 1 - distill
                     logits[a:b] = p
                 # Row weights scale the [c, H] results, not the [c, V] gradient.
                 w = row_weights[s:e, None]
@@ -75,14 +106,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (logits.T @ (xc[s:e].float() * w).to(compute_dtype)).float()
         ctx.save_for_backward(grad_x, grad_w)
         ctx.mark_non_differentiable(ce, correct)
-        return (ce * row_weights).sum(), ce, correct
+        return (row_loss * row_weights).sum(), ce, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_correct):
         grad_x, grad_w = ctx.saved_tensors
         gx = grad_x * grad_loss.to(grad_x.dtype) if grad_x is not None else None
         gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return gx, gw, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -91,17 +122,33 @@ def linear_cross_entropy(
     targets: torch.Tensor,  # (M,)
     row_weights: torch.Tensor,  # (M,) float32
     compute_dtype: torch.dtype = torch.float32,
+    teacher: torch.Tensor
+    | None = None,  # (M, H): row i's soft label is softmax(teacher[i] @ teacher_weight.T)
+    teacher_weight: torch.Tensor | None = None,  # (V, H), `weight` when None (v2: the same frozen lm_head)
+    distill: float = 0.0,  # the soft label's share of each row's loss (with a teacher)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted CE summed over rows (differentiable), per-row CE and top-1 hits (not differentiable)."""
+    """Weighted loss summed over rows (differentiable: CE, or with a teacher (1 - distill) * CE + distill *
+    CE against the teacher's distribution), per-row hard CE and top-1 hits (not differentiable)."""
     vocab = weight.shape[0]
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // (vocab * (2 if teacher is not None else 1)))
     slice_rows = max(1, SOFTMAX_SLICE_ELEMENTS // vocab)
-    return _LinearCrossEntropy.apply(x, weight, targets, row_weights, compute_dtype, chunk, slice_rows)
+    return _LinearCrossEntropy.apply(
+        x,
+        weight,
+        targets,
+        row_weights,
+        compute_dtype,
+        chunk,
+        slice_rows,
+        teacher,
+        weight if teacher_weight is None else teacher_weight,
+        distill,
+    )
 
 
 @dataclass
 class MedusaLossOutput:
-    loss: torch.Tensor  # scalar: sum_k decay^k * mean CE of head k over its labelled positions
+    loss: torch.Tensor  # scalar: sum_k decay^k * mean loss (CE, or CE mixed with the soft label) of head k
     stats: torch.Tensor  # (B, NUM_STATS, K) float32 per-sample sums (see STAT_*)
 
 
@@ -112,6 +159,7 @@ def medusa_loss(
     lm_head_weight: torch.Tensor,  # (V, H) the frozen base lm_head (used by v2 heads)
     compute_dtype: torch.dtype = torch.float32,
     decay: float = HEAD_DECAY,
+    distill: float = 0.0,  # share of the base model's soft label in each head's loss (see the module doc)
 ) -> MedusaLossOutput:
     K = heads.config.num_heads
     B = hidden.shape[0]
@@ -121,6 +169,10 @@ def medusa_loss(
     x = hidden[b_idx, t_idx].float()  # (N, H)
     tgt, valid = targets[b_idx, t_idx], valid[b_idx, t_idx]  # (N, K)
     states = heads.hidden_states(x)  # (N, K, H)
+    teacher = None
+    if distill:  # head k's target at t+2+k is the base model's next token after position t+1+k
+        ahead = t_idx[:, None] + 1 + torch.arange(K, device=x.device)  # (N, K)
+        teacher = hidden[b_idx[:, None], ahead.clamp_max(hidden.shape[1] - 1)].float()  # (N, K, H)
 
     counts = valid.sum(0)  # (K,)
     head_w = decay ** torch.arange(K, device=x.device, dtype=torch.float32) / counts.clamp_min(1)
@@ -132,14 +184,28 @@ def medusa_loss(
             rows = valid[:, k].nonzero(as_tuple=True)[0]
             w = head_w[k].expand(rows.shape[0])
             part, ce_k, hit_k = linear_cross_entropy(
-                states[rows, k], lm.weight, tgt[rows, k], w, compute_dtype
+                states[rows, k],
+                lm.weight,
+                tgt[rows, k],
+                w,
+                compute_dtype,
+                teacher[rows, k] if teacher is not None else None,
+                lm_head_weight,
+                distill,
             )
             loss = loss + part
             ce[rows, k], correct[rows, k] = ce_k, hit_k
     else:  # v2: every labelled (position, head) pair through the frozen base lm_head at once
         rows, ks = valid.nonzero(as_tuple=True)
         loss, ce_p, hit_p = linear_cross_entropy(
-            states[rows, ks], lm_head_weight, tgt[rows, ks], head_w[ks], compute_dtype
+            states[rows, ks],
+            lm_head_weight,
+            tgt[rows, ks],
+            head_w[ks],
+            compute_dtype,
+            teacher[rows, ks] if teacher is not None else None,
+            None,
+            distill,
         )
         ce[rows, ks], correct[rows, ks] = ce_p, hit_p
 

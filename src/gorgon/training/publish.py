@@ -48,12 +48,22 @@ class TrainingSummary:
     ngram_contexts: int | None = None  # contexts in gorgon_ngrams.safetensors, when written
     train_vocab: int | None = None  # tokens of the training softmax, when not the whole vocabulary
     train_vocab_coverage: float | None = None  # fraction of the answer tokens among them
+    distill: float = 0.0  # share of the base model's soft label in each head's training loss
 
 
 def _hub_id(name: str) -> str | None:
     # A hub id is `org/name` and not a local path; a card's base_model must be one to link.
     parts = name.split("/")
     return name if len(parts) == 2 and all(parts) and not Path(name).exists() else None
+
+
+def _loss_words(distill: float) -> str:
+    if not distill:
+        return "cross-entropy"
+    return (
+        f"{1 - distill:g} x cross-entropy on the answer token + {distill:g} x cross-entropy on the base "
+        "model's own distribution over it (self-distillation)"
+    )
 
 
 def model_card(s: TrainingSummary) -> str:
@@ -113,8 +123,8 @@ def model_card(s: TrainingSummary) -> str:
             f"effective batch {s.batch_size} conversations"
         ),
         (
-            f"- loss: cross-entropy per head on assistant tokens, head k weighted {s.head_decay:g}^k; final training loss "
-            f"{s.train_loss:.4f}"
+            f"- loss: {_loss_words(s.distill)} per head on assistant tokens, head k weighted {s.head_decay:g}^k; "
+            f"final training loss {s.train_loss:.4f}"
         ),
         f"- {s.train_seconds:.1f} s ({s.ms_per_position:.3f} ms per position per epoch)",
     ]

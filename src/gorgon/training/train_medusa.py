@@ -51,6 +51,7 @@ class MedusaTrainingModel(nn.Module):
         lm_head_weight: torch.Tensor,
         decay: float = HEAD_DECAY,
         train_vocab: torch.Tensor | None = None,  # sorted token ids (v2 only)
+        distill: float = 0.0,  # soft-label share of the training loss (validation stays hard CE)
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -59,6 +60,7 @@ class MedusaTrainingModel(nn.Module):
                 module.use_kernel = False  # autocast and autograd need the plain BLAS path
         self.lm_head_weight = lm_head_weight.detach()
         self.decay = decay
+        self.distill = distill
         self.train_weight: torch.Tensor | None = None
         self.train_index: torch.Tensor | None = None  # token id -> its row in train_weight, or ignored
         if train_vocab is not None:
@@ -84,7 +86,8 @@ class MedusaTrainingModel(nn.Module):
             labels = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, self.train_index[labels.clamp_min(0)])
         autocast = torch.is_autocast_enabled(device.type)
         compute = torch.get_autocast_dtype(device.type) if autocast else torch.float32
-        out = medusa_loss(self.heads, hidden_states, labels, weight, compute, self.decay)
+        distill = self.distill if self.training else 0.0
+        out = medusa_loss(self.heads, hidden_states, labels, weight, compute, self.decay, distill)
         return {"loss": out.loss, "stats": out.stats}
 
 
@@ -309,7 +312,9 @@ def train_medusa(model_args, data_args, medusa_args, args) -> TrainResult:
             len(train_vocab),
             100 * coverage,
         )
-    model = MedusaTrainingModel(heads, lm_head_weight, medusa_args.medusa_head_decay, train_vocab)
+    model = MedusaTrainingModel(
+        heads, lm_head_weight, medusa_args.medusa_head_decay, train_vocab, medusa_args.medusa_distill
+    )
 
     if data.eval is None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
         log.warning("No validation conversations: evaluation during training is off")
@@ -373,6 +378,7 @@ def train_medusa(model_args, data_args, medusa_args, args) -> TrainResult:
         ngram_contexts=len(data.ngrams) if data.ngrams is not None else None,
         train_vocab=len(train_vocab) if train_vocab is not None else None,
         train_vocab_coverage=coverage,
+        distill=medusa_args.medusa_distill,
     )
     if trainer.is_world_process_zero():
         save_medusa_adapter(heads, out_dir, base_name)
