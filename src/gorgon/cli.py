@@ -382,7 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="n-gram nodes the server will add to the tree (as gorgon serve's flag): counted in cost and gain",
     )
     tune.add_argument(
-        "--output", default=None, help="where to write the tree (default: the adapter's gorgon_tree.json)"
+        "--output",
+        default=None,
+        help="where to write the tree (default: the adapter's gorgon_tree.json); a refitted n-gram table "
+        "goes beside it (gorgon_ngrams.safetensors)",
+    )
+    tune.add_argument(
+        "--fit-ngram-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refit the weight and floor of the heads' n-gram table on the tuning answers first",
     )
     tune.set_defaults(func=cmd_tune_tree)
 

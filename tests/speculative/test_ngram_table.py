@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gorgon.engine.speculation import Speculator, load_ngram_table
-from gorgon.speculative.ngram_table import NGRAM_FILE, NgramTable
+from gorgon.speculative.ngram_table import FLOOR, NGRAM_FILE, NgramTable
 from gorgon.speculative.tree import CandidateTree
 
 
@@ -28,9 +28,12 @@ def test_counts_by_longest_context_with_masks_and_min_count():
 
 def test_save_load_round_trip_and_refuses_malformed_files(tmp_path):
     table = NgramTable.build([[5, 6, 7, 5, 6, 8, 5, 6, 7]], min_count=1, weight=0.5)
+    assert table.floor == FLOOR
+    table.floor = -9.25
     table.save(tmp_path / NGRAM_FILE)
     loaded = NgramTable.load(tmp_path / NGRAM_FILE)
-    assert loaded.weight == 0.5 and len(loaded) == len(table) and loaded.max_token() == 8
+    assert loaded.weight == 0.5 and loaded.floor == -9.25
+    assert len(loaded) == len(table) and loaded.max_token() == 8
     for ctx in ([5, 6], [7, 5, 6], [6], [1]):
         a, b = table.lookup(ctx), loaded.lookup(ctx)
         assert (a is None and b is None) or (
@@ -52,6 +55,13 @@ def test_save_load_round_trip_and_refuses_malformed_files(tmp_path):
     }
     save_file(broken, str(bad), metadata={"format": "gorgon-ngrams-v1"})
     with pytest.raises(ValueError, match="malformed"):
+        NgramTable.load(bad)
+    meta = {"format": "gorgon-ngrams-v1", "weight": "0.5"}  # a table written before floors were stored
+    good = {**broken, "order1.offsets": torch.from_numpy(o.offsets)}
+    save_file(good, str(bad), metadata=meta)
+    assert NgramTable.load(bad).floor == FLOOR
+    save_file(good, str(bad), metadata={**meta, "floor": "nan"})
+    with pytest.raises(ValueError, match="finite"):
         NgramTable.load(bad)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / NGRAM_FILE).write_bytes(b"not safetensors at all")

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import random
 
 import pytest
@@ -160,6 +161,38 @@ def test_head_accuracy_counts_hits_by_rank():
     assert hits[0, 0] == 9 and hits[1, 0] == 8 and hits[:, 1].sum() == 0
 
 
+def test_fit_ngram_weights_picks_the_weight_whose_reranking_gets_most_drafts_accepted():
+    import types
+
+    import numpy as np
+
+    from gorgon.speculative.ngram_table import NgramTable
+    from gorgon.speculative.tune import AnswerRows, fit_ngram_weights
+
+    # After 2 the answers wrote 6 a hundred times, 7 once; after 1, always 5.
+    table = NgramTable.build([[2, 6]] * 100 + [[2, 7]] + [[1, 5]] * 5, min_count=1, weight=1.0)
+    V = 12
+
+    class Vocab:  # the drafting vocabulary is every token; "hidden states" are already the logits
+        ids_array, index = np.arange(V), np.arange(V)
+
+        def logits(self, states, lm_head):
+            return states
+
+    heads = types.SimpleNamespace(ngrams=table, draft_vocab=Vocab(), hidden_states=lambda h: h)
+    logits = torch.full((4, 1, V), -5.0)
+    logits[0, 0, 7], logits[0, 0, 6] = 3.0, 0.0  # sure of the rare 7: kept only while 3 > 4.6 x weight
+    logits[1, 0, 1] = 5.0
+    logits[2, 0, 9], logits[2, 0, 5] = 1.0, 0.0  # mildly wrong: the table's 5 wins at any grid weight
+    rows = AnswerRows(logits, prompt=[3], answer=[2, 7, 1, 5])
+    weight, floor, scores = fit_ngram_weights(heads, None, [rows])
+    assert weight == 0.5 and scores[weight, floor] == 3 and scores[1.0, table.floor] == 2
+    assert (table.weight, table.floor) == (weight, floor)  # left at the chosen values
+    # Ties keep the table's own values.
+    table.weight = 0.5
+    assert fit_ngram_weights(heads, None, [rows])[:2] == (0.5, floor)
+
+
 @pytest.mark.parametrize("table", [False, True])
 def test_tune_tree_cli_end_to_end(tmp_path, capsys, monkeypatch, table):
     """With an n-gram table in the adapter, guesses come from its drafting vocabulary and the step cost
@@ -198,3 +231,15 @@ def test_tune_tree_cli_end_to_end(tmp_path, capsys, monkeypatch, table):
     assert 1 <= len(tree) <= 4 and CandidateTree.from_paths(tree).depth <= 2
     assert "<- chosen" in capsys.readouterr().out
     assert bool(calls) == table and all(n == 37 for n in calls)  # tokens 3..39
+    if table:  # the table's weight and floor refitted on the tuning answers, written with the tree
+        from gorgon.speculative.tune import FLOOR_GRID, WEIGHT_GRID
+
+        fitted = NgramTable.load(tmp_path / "adapter" / NGRAM_FILE)
+        assert (fitted.weight, fitted.floor) in [
+            (0.75, math.log(1e-3)),
+            *itertools.product(WEIGHT_GRID, FLOOR_GRID),
+        ]
+        out = tmp_path / "elsewhere" / "tree.json"
+        out.parent.mkdir()
+        assert main([*argv, "--output", str(out), "--no-fit-ngram-weights"]) == 0
+        assert out.exists() and not (out.parent / NGRAM_FILE).exists()

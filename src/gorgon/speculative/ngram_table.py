@@ -34,7 +34,7 @@ NGRAM_FILE = "gorgon_ngrams.safetensors"
 FORMAT = "gorgon-ngrams-v1"
 TOKEN_BITS = 21  # up to 2M-token vocabularies; 3 tokens pack into one int64 key
 MAX_ORDER = 3
-FLOOR = math.log(1e-3)  # log-frequency of a token the table never saw after the context
+FLOOR = math.log(1e-3)  # default log-frequency of a token the table never saw after the context
 CANDIDATES = 16  # head guesses rescored along with the table's
 
 
@@ -54,10 +54,13 @@ class _Order:
 
 
 class NgramTable:
-    def __init__(self, orders: dict[int, _Order], weight: float = 0.75, min_count: int = 2) -> None:
+    def __init__(
+        self, orders: dict[int, _Order], weight: float = 0.75, min_count: int = 2, floor: float = FLOOR
+    ) -> None:
         self.orders = orders  # context length -> its table
         self._rows: dict[int, dict[int, int]] = {}  # per context length, key -> row (`_row_of`)
-        self.weight = weight
+        self.weight = weight  # the table's log-frequencies against the heads' log-probabilities
+        self.floor = floor  # log-frequency of a token never seen after a known context
         self.min_count = min_count
 
     @property
@@ -138,7 +141,12 @@ class NgramTable:
         for n, o in self.orders.items():
             for name in ("keys", "offsets", "tokens", "logprobs"):
                 tensors[f"order{n}.{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(o, name)))
-        meta = {"format": FORMAT, "weight": repr(self.weight), "min_count": str(self.min_count)}
+        meta = {
+            "format": FORMAT,
+            "weight": repr(self.weight),
+            "floor": repr(self.floor),
+            "min_count": str(self.min_count),
+        }
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -160,7 +168,10 @@ class NgramTable:
                 ]
                 orders[n] = _Order(*parts)
                 _check(orders[n], path)
-            return cls(orders, float(meta.get("weight", 0.75)), int(meta.get("min_count", 2)))
+            weight, floor = float(meta.get("weight", 0.75)), float(meta.get("floor", FLOOR))
+            if not (math.isfinite(weight) and math.isfinite(floor)):
+                raise ValueError(f"{path}: the table's weight and floor must be finite numbers")
+            return cls(orders, weight, int(meta.get("min_count", 2)), floor)
 
     # --- drafting ---------------------------------------------------------------------------------------
     def lookup(self, context: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -206,7 +217,7 @@ class NgramTable:
             if found is None:
                 ranked = ids[:top_k]
             else:
-                bonus = self.weight * FLOOR
+                bonus = self.weight * self.floor
                 scores = {t: s + bonus for t, s in zip(ids, values)}
                 tokens, table_lp = found
                 columns = tokens.astype(np.int64) if vocab is None else vocab.index[tokens]
