@@ -206,14 +206,19 @@ def test_step_times_recent_fastest_and_exploration():
     decisions = [times.decide(4, 1.05) for _ in range(40)]
     assert decisions.count(False) == 8 and decisions[:8] == [True] * 8
     assert times.decide(5, 0.95) is False  # loads are separate
-    # A clear verdict (drafts halve throughput): the untrusted mode waits `explore_every` decisions...
-    decisions = [times.decide(6, 0.5) for _ in range(19)]
-    assert [i for i, d in enumerate(decisions) if d] == [9, 10]
+    # A clear verdict for drafts: the untrusted plain mode is measured after `explore_every` decisions.
+    decisions = [times.decide(7, 2.0) for _ in range(12)]
+    assert [i for i, d in enumerate(decisions) if not d] == [9, 10]
+    # A clear verdict against drafts (they halve throughput): a burst of drafts comes only every 4 x
+    # explore_every decisions times the verdict's distance from even in clear margins (0.5 is 7.27 margins
+    # of 1.1 from 1): every round(4 x 10 x 7.27) = 291 decisions, the first one too. While drafts have no
+    # trusted figure, the burst lasts until they have one: the switch's first step (no draft to verify
+    # yet), then `min_samples` timed steps.
+    decisions = [times.decide(6, 0.5) for _ in range(300)]
+    assert [i for i, d in enumerate(decisions) if d] == [290, 291, 292]
     times.record(6, True, 0.02)
     times.record(6, True, 0.02)
-    # ...and once measured, a burst comes only every 4 x explore_every decisions times the verdict's
-    # distance from even in clear margins (0.5 is 7.27 margins of 1.1 from 1): every round(4 x 10 x 7.27)
-    # = 291 decisions (the count began 10 decisions before this list).
+    # Once measured, bursts of `burst` decisions (the count began 10 decisions before this list).
     decisions = [times.decide(6, 0.5) for _ in range(700)]
     assert [i for i, d in enumerate(decisions) if d] == [281, 282, 572, 573]
     # By default a 0.78x verdict (drafts at 8 concurrent code requests on this CPU) is clear (2.6 margins):
