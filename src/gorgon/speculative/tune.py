@@ -48,17 +48,28 @@ def head_guesses(
 ) -> torch.Tensor:
     """[T, num_heads, top_k] each head's top-k token ids at each row, as the server ranks them: reranked
     by the heads' n-gram table when they carry one, with `contexts[t]` the tokens up to row t's root."""
-    vocab = heads.draft_vocab
+    return ranked_guesses(draft_logits(hidden, heads, lm_head), heads, top_k, contexts)
+
+
+def draft_logits(hidden: torch.Tensor, heads, lm_head) -> torch.Tensor:
+    """[T, num_heads, V] the heads' logits at each row, over their drafting vocabulary when they have one
+    (the server drafts from it only)."""
     with torch.inference_mode():
-        if vocab is None:
-            logits = heads.logits(hidden, lm_head)
-        else:  # the server drafts from this vocabulary only
-            logits = vocab.logits(heads.hidden_states(hidden), lm_head)  # [T, K, S]
-        if heads.ngrams is None or contexts is None:
-            columns = logits.topk(top_k, dim=-1).indices
-            return columns if vocab is None else vocab.tokens(columns)
-        ranked = [heads.ngrams.rank(row, ctx, top_k, vocab) for row, ctx in zip(logits, contexts)]
-        return torch.tensor(ranked, dtype=torch.long).view(len(ranked), logits.shape[1], top_k)
+        if heads.draft_vocab is None:
+            return heads.logits(hidden, lm_head)
+        return heads.draft_vocab.logits(heads.hidden_states(hidden), lm_head)
+
+
+def ranked_guesses(
+    logits: torch.Tensor, heads, top_k: int, contexts: list[list[int]] | None = None
+) -> torch.Tensor:
+    """`head_guesses` from the heads' logits (`draft_logits`)."""
+    vocab = heads.draft_vocab
+    if heads.ngrams is None or contexts is None:
+        columns = logits.topk(top_k, dim=-1).indices
+        return columns if vocab is None else vocab.tokens(columns)
+    ranked = [heads.ngrams.rank(row, ctx, top_k, vocab) for row, ctx in zip(logits, contexts)]
+    return torch.tensor(ranked, dtype=torch.long).view(len(ranked), logits.shape[1], top_k)
 
 
 # The table's weight against the heads' log-probabilities, and the log-frequency it gives a token never seen
@@ -81,19 +92,12 @@ class AnswerRows:
         return [self.prompt + self.answer[: t + 1] for t in range(self.hidden.shape[0])]  # row t's root
 
 
-def top1_chain_tokens(guesses: torch.Tensor, future: list[int]) -> int:
-    """Draft tokens a top-1 chain of all heads gets accepted, summed over the rows of `guesses`
-    [T, num_heads, >= 1] (`head_guesses`; `future` as in `chain_hits`)."""
-    return sum(n for path, n in chain_hits(guesses[..., :1], future).items())
-
-
 def fit_ngram_weights(heads, lm_head, answers: list[AnswerRows]) -> tuple[float, float, dict]:
     """(weight, floor, {(weight, floor): accepted tokens}) of the heads' n-gram table: the grid point whose
-    reranked top-1 chain gets the most draft tokens accepted on `answers`; the table's current values win
-    ties. Leaves the table at the chosen values."""
+    reranked top-1 chain of all heads gets the most draft tokens accepted on `answers`; the table's current
+    values win ties. Leaves the table at the chosen values."""
     table = heads.ngrams
-    with torch.inference_mode():
-        logits = [heads.draft_vocab.logits(heads.hidden_states(a.hidden), lm_head) for a in answers]
+    logits = [draft_logits(a.hidden, heads, lm_head) for a in answers]  # the weights only rerank them
     current = (table.weight, table.floor)
     scores = {}
     for weight, floor in [current, *itertools.product(WEIGHT_GRID, FLOOR_GRID)]:
@@ -101,17 +105,12 @@ def fit_ngram_weights(heads, lm_head, answers: list[AnswerRows]) -> tuple[float,
             continue
         table.weight, table.floor = weight, floor
         scores[weight, floor] = sum(
-            top1_chain_tokens(_ranked(table, lg, a.contexts(), heads.draft_vocab), a.answer)
+            sum(chain_hits(ranked_guesses(lg, heads, 1, a.contexts()), a.answer).values())
             for lg, a in zip(logits, answers)
         )
     best = max(scores, key=lambda k: (scores[k], k == current))
     table.weight, table.floor = best
     return best[0], best[1], scores
-
-
-def _ranked(table, logits: torch.Tensor, contexts: list[list[int]], vocab) -> torch.Tensor:
-    ranked = [table.rank(row, ctx, 1, vocab) for row, ctx in zip(logits, contexts)]
-    return torch.tensor(ranked, dtype=torch.long).view(len(ranked), logits.shape[1], 1)
 
 
 def head_accuracy(
@@ -312,7 +311,7 @@ def run_tune_tree(args) -> int:
     ]
     out = Path(args.output) if args.output else Path(args.adapter_id) / DEFAULT_TREE_FILE
     heads = spec.heads
-    if heads.ngrams is not None and heads.draft_vocab is not None and args.fit_ngram_weights:
+    if heads.ngrams is not None and args.fit_ngram_weights:
         before = (heads.ngrams.weight, heads.ngrams.floor)
         weight, floor, scores = fit_ngram_weights(heads, model.lm_head, answers)
         log.info(
