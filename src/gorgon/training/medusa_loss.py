@@ -84,12 +84,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 for a in range(0, e - s, slice_rows):
                     b = min(a + slice_rows, e - s)
                     t = targets[s + a : s + b]
-                    log_p = torch.log_softmax(logits[a:b], dim=-1, dtype=torch.float32)
-                    p = log_p.exp()
-                    hit = torch.arange(b - a, device=p.device), t
-                    ce[s + a : s + b] = -log_p[hit]
-                    correct[s + a : s + b] = p.argmax(-1) == t
                     if teacher_logits is None:
+                        p = torch.softmax(logits[a:b], dim=-1, dtype=torch.float32)
+                        log_p = None
+                    else:  # the soft label's CE needs every log-probability, not only the target's
+                        log_p = torch.log_softmax(logits[a:b], dim=-1, dtype=torch.float32)
+                        p = log_p.exp()
+                    hit = torch.arange(b - a, device=p.device), t
+                    ce[s + a : s + b] = -p[hit].clamp_min(1e-30).log() if log_p is None else -log_p[hit]
+                    correct[s + a : s + b] = p.argmax(-1) == t
+                    if log_p is None:
                         p[hit] -= 1  # d CE / d logits = softmax - onehot
                     else:  # d / d logits = softmax - the mixed target
                         q = torch.softmax(teacher_logits[a:b], dim=-1, dtype=torch.float32)
@@ -122,13 +126,13 @@ def linear_cross_entropy(
     targets: torch.Tensor,  # (M,)
     row_weights: torch.Tensor,  # (M,) float32
     compute_dtype: torch.dtype = torch.float32,
-    teacher: torch.Tensor
-    | None = None,  # (M, H): row i's soft label is softmax(teacher[i] @ teacher_weight.T)
+    teacher: torch.Tensor | None = None,  # (M, H)
     teacher_weight: torch.Tensor | None = None,  # (V, H), `weight` when None (v2: the same frozen lm_head)
     distill: float = 0.0,  # the soft label's share of each row's loss (with a teacher)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted loss summed over rows (differentiable: CE, or with a teacher (1 - distill) * CE + distill *
-    CE against the teacher's distribution), per-row hard CE and top-1 hits (not differentiable)."""
+    CE against row i's soft label softmax(teacher[i] @ teacher_weight.T)), per-row hard CE and top-1 hits
+    (not differentiable)."""
     vocab = weight.shape[0]
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // (vocab * (2 if teacher is not None else 1)))
     slice_rows = max(1, SOFTMAX_SLICE_ELEMENTS // vocab)
