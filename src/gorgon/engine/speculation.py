@@ -323,5 +323,11 @@ def load_ngram_table(path, vocab_size: int):
     if table.max_token() >= vocab_size:
         log.warning("ignoring the n-gram table of %s: it proposes tokens outside the vocabulary", path)
         return None
-    log.info("n-gram table of %s: %d contexts, weight %.2f", path, len(table), table.weight)
+    log.info(
+        "n-gram table of %s: %d contexts, weight %.2f, floor %.1f",
+        path,
+        len(table),
+        table.weight,
+        table.floor,
+    )
     return table
