@@ -71,6 +71,26 @@ def test_save_load_round_trip_and_refuses_malformed_files(tmp_path):
     assert load_ngram_table(tmp_path / "nothing", vocab_size=9) is None
 
 
+def test_a_table_built_for_a_vocabulary_drafts_from_it_only(tmp_path):
+    # After 5: 6 three times, 7 twice, 9 once; 7 is outside the vocabulary.
+    seqs = [[5, 6]] * 3 + [[5, 7]] * 2 + [[5, 9]]
+    table = NgramTable.build(seqs, min_count=1, vocab=[9, 6, 5, 6])
+    assert table.vocabulary().tolist() == [5, 6, 9] and table.max_token() == 9
+    tokens, logprobs = table.lookup([5])
+    assert tokens.tolist() == [6, 9]  # 7 left out, ...
+    assert logprobs.tolist() == pytest.approx([math.log(3 / 6), math.log(1 / 6)], abs=1e-3)  # ...but counted
+    table.save(tmp_path / NGRAM_FILE)
+    assert NgramTable.load(tmp_path / NGRAM_FILE).vocabulary().tolist() == [5, 6, 9]
+    assert NgramTable.build(seqs, min_count=1).vocabulary().tolist() == [5, 6, 7, 9]  # all it knows
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / NGRAM_FILE))
+    tensors["vocab"] = torch.tensor([6, 5], dtype=torch.long)  # not sorted
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "gorgon-ngrams-v1"})
+    with pytest.raises(ValueError, match="vocabulary"):
+        NgramTable.load(tmp_path / "bad.safetensors")
+
+
 def test_rank_combines_heads_and_table_and_conditions_deeper_heads_on_the_best_guess():
     # After "1 2" the answers always continued with 7; after "2 7", with 9.
     table = NgramTable.build([[1, 2, 7, 9]] * 3, min_count=1, weight=1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,3 +214,16 @@ def test_ngram_table_of_a_dataset_counts_assistant_tokens_only(tmp_path, tiny_to
     )
     ngrams.main(["--data_path", str(path), "--output_dir", str(out), "--min_count", "1"])
     assert len(NgramTable.load(out / NGRAM_FILE)) >= len(table) > 0
+    # Rebuilt from more answers, keeping the drafting vocabulary (and weight, floor) the heads were trained on.
+    written = NgramTable.load(out / NGRAM_FILE)
+    written.vocab, written.weight, written.floor = written.vocabulary()[::2].copy(), 1.25, -9.0
+    written.save(out / NGRAM_FILE)
+    more = tmp_path / "more.json"
+    more.write_text(json.dumps([CONV] * 2 + [[CONV[0], {"role": "assistant", "content": "Other words."}]]))
+    ngrams.main(["--data_path", str(more), "--output_dir", str(out), "--min_count", "1", "--keep_vocabulary"])
+    rebuilt = NgramTable.load(out / NGRAM_FILE)
+    assert rebuilt.vocabulary().tolist() == written.vocab.tolist()
+    assert (rebuilt.weight, rebuilt.floor) == (1.25, -9.0)
+    assert set(np.concatenate([o.tokens for o in rebuilt.orders.values()]).tolist()) <= set(
+        written.vocab.tolist()
+    )

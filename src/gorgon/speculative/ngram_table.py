@@ -55,9 +55,17 @@ class _Order:
 
 class NgramTable:
     def __init__(
-        self, orders: dict[int, _Order], weight: float = 0.75, min_count: int = 2, floor: float = FLOOR
+        self,
+        orders: dict[int, _Order],
+        weight: float = 0.75,
+        min_count: int = 2,
+        floor: float = FLOOR,
+        vocab: np.ndarray | None = None,
     ) -> None:
         self.orders = orders  # context length -> its table
+        # The drafting vocabulary, when fixed at build time (sorted int64 ids): heads trained over one
+        # vocabulary keep it when their table is rebuilt from more text. None: every token the table knows.
+        self.vocab = vocab
         self._rows: dict[int, dict[int, int]] = {}  # per context length, key -> row (`_row_of`)
         self.weight = weight  # the table's log-frequencies against the heads' log-probabilities
         self.floor = floor  # log-frequency of a token never seen after a known context
@@ -72,11 +80,14 @@ class NgramTable:
 
     def max_token(self) -> int:
         """The largest token id the table can propose (-1 when empty): must be below the model's vocabulary."""
-        return max((int(o.tokens.max()) for o in self.orders.values() if len(o.tokens)), default=-1)
+        top = max((int(o.tokens.max()) for o in self.orders.values() if len(o.tokens)), default=-1)
+        return max(top, int(self.vocab[-1])) if self.vocab is not None else top
 
     def vocabulary(self) -> np.ndarray:
-        """Every token the table knows (as a one-token context or as a continuation), sorted: what heads
-        carrying this table draft from (`speculative.draft_vocab`)."""
+        """What heads carrying this table draft from (`speculative.draft_vocab`), sorted: the vocabulary it
+        was built for, else every token it knows (as a one-token context or as a continuation)."""
+        if self.vocab is not None:
+            return self.vocab
         parts = [o.tokens.astype(np.int64) for o in self.orders.values()]
         if 1 in self.orders:
             parts.append(self.orders[1].keys)  # a one-token context's key is the token itself
@@ -92,10 +103,12 @@ class NgramTable:
         min_count: int = 2,
         top: int = 8,
         weight: float = 0.75,
+        vocab: Iterable[int] | None = None,
     ) -> NgramTable:
         """Count next tokens after each 1..max_order token context, at positions whose token is masked in
         (e.g. assistant tokens; every position without masks). Contexts seen fewer than `min_count` times
-        are dropped; each keeps its `top` likeliest continuations."""
+        are dropped; each keeps its `top` likeliest continuations (among `vocab`'s tokens when given: the
+        table then drafts from exactly that vocabulary; frequencies stay relative to every continuation)."""
         if not 1 <= max_order <= MAX_ORDER:
             raise ValueError(f"max_order must be 1..{MAX_ORDER}")
         counts = {n: defaultdict(Counter) for n in range(1, max_order + 1)}
@@ -110,11 +123,13 @@ class NgramTable:
                     continue
                 for n in range(1, min(max_order, i) + 1):
                     counts[n][pack(seq[i - n : i])][seq[i]] += 1
-        orders = {n: cls._freeze(c, min_count, top) for n, c in counts.items()}
-        return cls(orders, weight, min_count)
+        kept = None if vocab is None else np.unique(np.asarray(list(vocab), dtype=np.int64))
+        allowed = None if kept is None else set(kept.tolist())
+        orders = {n: cls._freeze(c, min_count, top, allowed) for n, c in counts.items()}
+        return cls(orders, weight, min_count, vocab=kept)
 
     @staticmethod
-    def _freeze(counts: dict[int, Counter], min_count: int, top: int) -> _Order:
+    def _freeze(counts: dict[int, Counter], min_count: int, top: int, allowed: set | None) -> _Order:
         keys, offsets, tokens, logprobs = [], [0], [], []
         for key in sorted(counts):
             follow = counts[key]
@@ -122,7 +137,10 @@ class NgramTable:
             if total < min_count:
                 continue
             keys.append(key)
-            for token, count in follow.most_common(top):
+            ranked = follow.most_common()
+            if allowed is not None:
+                ranked = [(t, c) for t, c in ranked if t in allowed]
+            for token, count in ranked[:top]:
                 tokens.append(token)
                 logprobs.append(math.log(count / total))
             offsets.append(len(tokens))
@@ -141,6 +159,8 @@ class NgramTable:
         for n, o in self.orders.items():
             for name in ("keys", "offsets", "tokens", "logprobs"):
                 tensors[f"order{n}.{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(o, name)))
+        if self.vocab is not None:
+            tensors["vocab"] = torch.from_numpy(np.ascontiguousarray(self.vocab))
         meta = {
             "format": FORMAT,
             "weight": repr(self.weight),
@@ -171,7 +191,16 @@ class NgramTable:
             weight, floor = float(meta.get("weight", 0.75)), float(meta.get("floor", FLOOR))
             if not (math.isfinite(weight) and math.isfinite(floor)):
                 raise ValueError(f"{path}: the table's weight and floor must be finite numbers")
-            return cls(orders, weight, int(meta.get("min_count", 2)), floor)
+            vocab = f.get_tensor("vocab").numpy() if "vocab" in names else None
+            if vocab is not None and not (
+                vocab.dtype == np.int64
+                and vocab.ndim == 1
+                and len(vocab) > 0
+                and vocab[0] >= 0
+                and bool(np.all(np.diff(vocab) > 0))
+            ):
+                raise ValueError(f"{path}: malformed n-gram table vocabulary")
+            return cls(orders, weight, int(meta.get("min_count", 2)), floor, vocab)
 
     # --- drafting ---------------------------------------------------------------------------------------
     def lookup(self, context: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:

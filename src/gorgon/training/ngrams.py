@@ -1,5 +1,6 @@
 """Write the n-gram table of a chat dataset's answers into a Medusa adapter directory (`gorgon train` does it
-for the adapters it trains): `python -m gorgon.training.ngrams --data_path FILES --output_dir ADAPTER`.
+for the adapters it trains): `python -m gorgon.training.ngrams --data_path FILES --output_dir ADAPTER`
+(`--keep_vocabulary`: rebuild an adapter's table from more answers without changing what its heads draft from).
 
 The answers are tokenised exactly as training tokenises them (the model's chat template, cut at
 `--model_max_length`), so contexts at the start of an answer include the template's assistant prefix, as
@@ -42,14 +43,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model_max_length", type=int, default=1024)
     p.add_argument("--min_count", type=int, default=2, help="contexts seen fewer times are left out")
     p.add_argument("--weight", type=float, default=0.75, help="the table's weight against the heads'")
+    p.add_argument(
+        "--keep_vocabulary",
+        action="store_true",
+        help="rebuild the adapter's table from these answers but keep its drafting vocabulary, weight and "
+        "floor (heads trained over that vocabulary: `gorgon train --medusa_train_vocab ngrams`)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_id = ModelArguments(model_name_or_path=args.model_name_or_path).model_id
     tokenizer = resolve_checkpoint(model_id).tokenizer
-    table = build_table(
-        tokenizer, args.data_path, args.model_max_length, min_count=args.min_count, weight=args.weight
-    )
     out = Path(args.output_dir) / NGRAM_FILE
+    kwargs = {"min_count": args.min_count, "weight": args.weight}
+    old = NgramTable.load(out) if args.keep_vocabulary else None
+    if old is not None:
+        kwargs.update(weight=old.weight, vocab=old.vocabulary())
+    table = build_table(tokenizer, args.data_path, args.model_max_length, **kwargs)
+    if old is not None:
+        table.floor = old.floor
     table.save(out)
     print(f"wrote {out}: {len(table)} contexts")
 
