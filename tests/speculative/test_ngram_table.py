@@ -67,7 +67,8 @@ def test_save_load_round_trip_and_refuses_malformed_files(tmp_path):
     (tmp_path / "junk" / NGRAM_FILE).write_bytes(b"not safetensors at all")
     assert load_ngram_table(tmp_path / "junk", vocab_size=100) is None  # ignored, heads still served
     assert load_ngram_table(tmp_path, vocab_size=8) is None  # proposes token 8: outside a 8-token vocab
-    assert load_ngram_table(tmp_path, vocab_size=9) is not None
+    served = load_ngram_table(tmp_path, vocab_size=9)
+    assert served is not None and set(served._rows) == set(served.orders)  # indexed at load, not mid-request
     assert load_ngram_table(tmp_path / "nothing", vocab_size=9) is None
 
 

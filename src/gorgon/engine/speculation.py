@@ -330,4 +330,4 @@ def load_ngram_table(path, vocab_size: int):
         table.weight,
         table.floor,
     )
-    return table
+    return table.index()

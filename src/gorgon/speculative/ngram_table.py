@@ -215,6 +215,13 @@ class NgramTable:
                 return order.tokens[a:b], order.logprobs[a:b]
         return None
 
+    def index(self) -> NgramTable:
+        """Make every order's context dict now (`_row_of`), not during a request's first drafting step: for
+        the shipped general table's 594k contexts that takes ~0.14 s (*script*)."""
+        for n in self.orders:
+            self._row_of(n)
+        return self
+
     def _row_of(self, n: int) -> dict[int, int]:
         """Context key -> its row in order n's arrays. A dict, made on first use: drafting looks up a few
         contexts per sequence and step, and a binary search of the sorted keys through NumPy cost ~40 us
