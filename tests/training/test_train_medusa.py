@@ -109,17 +109,24 @@ def test_training_lowers_the_loss_and_logs_each_head(trained):
     assert names and all(n.startswith("heads.") for n in names)
 
 
-def test_a_training_vocabulary_restricts_the_training_softmax_only():
+def small_v2_heads(V: int = 40, H: int = 16):
+    """(2 fresh v2 heads, the lm_head weight they share) over a V-token vocabulary, seeded."""
     from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
-    from gorgon.training.medusa_loss import medusa_loss
-    from gorgon.training.train_medusa import MedusaTrainingModel
 
     torch.manual_seed(0)
-    V, H = 40, 16
     lm = torch.randn(V, H)
     heads = MedusaHeads.init_for_training(
         MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=H, vocab_size=V), lm
     )
+    return heads, lm
+
+
+def test_a_training_vocabulary_restricts_the_training_softmax_only():
+    from gorgon.training.medusa_loss import medusa_loss
+    from gorgon.training.train_medusa import MedusaTrainingModel
+
+    V, H = 40, 16
+    heads, lm = small_v2_heads(V, H)
     torch.nn.init.normal_(heads.fc.weight, std=0.3)  # not the identity-like start
     vocab = torch.tensor([1, 3, 5, 8, 13, 21, 34])
     outside = torch.tensor([t for t in range(V) if t not in vocab])
@@ -145,16 +152,11 @@ def test_a_training_vocabulary_restricts_the_training_softmax_only():
 
 
 def test_distillation_mixes_soft_labels_into_training_only():
-    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
     from gorgon.training.medusa_loss import medusa_loss
     from gorgon.training.train_medusa import MedusaTrainingModel
 
-    torch.manual_seed(0)
     V, H = 40, 16
-    lm = torch.randn(V, H)
-    heads = MedusaHeads.init_for_training(
-        MedusaConfig(num_heads=2, num_layers=1, version=2, hidden_size=H, vocab_size=V), lm
-    )
+    heads, lm = small_v2_heads(V, H)
     hidden, labels = torch.randn(2, 9, H), torch.randint(0, V, (2, 9))
     model = MedusaTrainingModel(heads, lm, distill=0.5).train()
     got = model(hidden, labels)
