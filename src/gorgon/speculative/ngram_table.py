@@ -137,10 +137,11 @@ class NgramTable:
             if total < min_count:
                 continue
             keys.append(key)
-            ranked = follow.most_common()
-            if allowed is not None:
-                ranked = [(t, c) for t, c in ranked if t in allowed]
-            for token, count in ranked[:top]:
+            if allowed is None:
+                ranked = follow.most_common(top)  # a partial sort, as before vocabularies existed
+            else:
+                ranked = [(t, c) for t, c in follow.most_common() if t in allowed][:top]
+            for token, count in ranked:
                 tokens.append(token)
                 logprobs.append(math.log(count / total))
             offsets.append(len(tokens))
