@@ -393,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="refit the weight and floor of the heads' n-gram table on the tuning answers first",
     )
+    tune.add_argument(
+        "--prune-nodes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit each tree's prune_below (its deepest nodes are not verified when their drafts score "
+        "lower) on the tuning answers; --no-prune-nodes writes a fixed tree",
+    )
     tune.set_defaults(func=cmd_tune_tree)
 
     adapter = sub.add_parser("adapter", help="inspect adapters")

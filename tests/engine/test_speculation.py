@@ -3,6 +3,7 @@ in float32 and bfloat16, whatever the drafts and whoever shares the batch."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -437,3 +438,71 @@ def test_time_forward_touches_only_the_scratch_slot(shared, monkeypatch):
     monkeypatch.setattr("gorgon.engine.runner.time_forward", lambda *a, **kw: seen.update(kw) or 0.01)
     VerifyCost(engine.runner)(3, 2)
     assert seen["shared"] is True and seen["head_depth"] == 2
+
+
+def test_pruned_tree_verifies_only_the_nodes_whose_drafts_score_high_enough():
+    """A tree with `prune_below` drops its trailing (deepest) nodes whose path score (summed head
+    log-probabilities, no table here) is below it; a node the n-gram lookup filled is always kept."""
+    from types import SimpleNamespace
+
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+
+    heads = MedusaHeads(MedusaConfig(num_heads=3, num_layers=1, version=2, hidden_size=64, vocab_size=320))
+    logits = torch.zeros(3, 320)
+    logits[0, 11] = 30.0  # head 0 is sure (log-probability ~0); heads 1 and 2 are flat (-log 320 each)
+    flat = -math.log(320)
+    fresh = SimpleNamespace(token_ids=[1, 2, 3], medusa=None)
+
+    def nodes(prune_below, branch=0, seq=fresh):
+        tree = CandidateTree.from_paths(BUILTIN_CHAIN_3, prune_below)
+        spec = Speculator(heads, None, tree, 64, ngram_branch=branch)
+        return spec.tree_from_logits(logits, seq)
+
+    full = nodes(None)
+    assert len(full) == 3 and full[0] == 11
+    assert nodes(2 * flat - 0.5) == full  # every path scores above: nothing pruned
+    assert nodes(2 * flat + 0.5) == full[:2]  # [0, 0, 0] scores 2 flat: pruned
+    assert nodes(flat + 0.5) == full[:1]
+    assert nodes(-0.5) == full[:1] and nodes(0.5) == []  # even head 0's sure guess scores just below 0
+    # With an n-gram node ([1], second in the list): kept when the lookup filled it, which stops pruning.
+    repeat = SimpleNamespace(token_ids=[5, 6, 7, 8, 5, 6], medusa=None)  # "5 6" was followed by 7
+    assert nodes(0.5, branch=1, seq=repeat) == [11, 7]
+    assert nodes(0.5, branch=1, seq=fresh) == []  # no match: it holds a flat guess of head 0, pruned too
+
+
+BUILTIN_CHAIN_3 = [(0,), (0, 0), (0, 0, 0)]
+
+
+def _recording(tree_from_logits, sizes: list[int]):
+    """`tree_from_logits`, noting how many nodes each drafted tree kept."""
+
+    def wrapper(*args, **kwargs):
+        nodes = tree_from_logits(*args, **kwargs)
+        sizes.append(len(nodes))
+        return nodes
+
+    return wrapper
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pruned_trees_stay_exact(hf_model, tiny_tokenizer, dtype):
+    """Steps verify trees of varying size (some none at all); outputs stay those of plain decoding."""
+    from gorgon.adapters.medusa import MedusaConfig, MedusaHeads
+
+    torch.manual_seed(0)
+    heads = MedusaHeads(MedusaConfig(num_heads=3, num_layers=1, version=2, hidden_size=64, vocab_size=320))
+    heads.to(dtype)
+    ps = [[5, 6, 7, 8, 9] * 6, [40, 41, 42] * 10, *prompts(2, seed=4)]
+    reqs = [request(p, sampling=SAMPLED if i == 3 else None) for i, p in enumerate(ps)]
+    plain = run(engine(hf_model, tiny_tokenizer, dtype), reqs)
+    sizes = []
+    for prune_below in (-11.6, 0.5):
+        fast_engine = engine(hf_model, tiny_tokenizer, dtype)
+        tree = CandidateTree.from_paths(BUILTIN_CHAIN_3, prune_below)
+        spec = Speculator(heads, fast_engine.model.lm_head, tree, 64, ngram_branch=1)
+        spec.tree_from_logits = _recording(spec.tree_from_logits, sizes)
+        fast_engine = engine(hf_model, tiny_tokenizer, dtype, spec)
+        fast = run(fast_engine, reqs, arrivals=[0, 1, 1, 3])
+        for a, b in zip(plain, fast):
+            assert [(t.id, t.logprob) for t in a.tokens] == [(t.id, t.logprob) for t in b.tokens]
+    assert {0, 2, 3} <= set(sizes), sorted(set(sizes))  # none; head 0 and the n-gram node; one deeper

@@ -108,6 +108,28 @@ def test_rank_combines_heads_and_table_and_conditions_deeper_heads_on_the_best_g
     assert table.rank(logits, [1, 2], top_k=1)[0] == [3]
 
 
+def test_rank_scored_gives_head_log_probabilities_plus_weighted_table_log_frequencies():
+    table = NgramTable.build([[1, 2, 7, 9]] * 3, min_count=1, weight=1.5)
+    logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(0))
+    logits[0, 3] = 3.0
+    head_lp = torch.log_softmax(logits, dim=-1)
+    ranked, scores = table.rank_scored(logits, [1, 2], top_k=3)
+    assert ranked == table.rank(logits, [1, 2], top_k=3)  # the same order as the server's ranking
+    after_12, _ = table.lookup([1, 2])
+    for depth, (tokens, row) in enumerate(zip(ranked, scores)):
+        context = [1, 2, *[r[0] for r in ranked[:depth]]]
+        known = dict(zip(*[a.tolist() for a in table.lookup(context)]))
+        for token, score in zip(tokens, row):
+            table_lp = known.get(token, table.floor)
+            assert score == pytest.approx(float(head_lp[depth, token]) + 1.5 * table_lp, abs=1e-4)
+    assert after_12.tolist() == [7]
+    # Contexts the table does not know ("5", then "5 3"): the heads' own log-probabilities.
+    ranked, scores = table.rank_scored(logits, [5], top_k=2)
+    want = head_lp.topk(2, dim=-1)
+    assert ranked == want.indices.tolist() and ranked[0][0] == 3
+    assert [x for row in scores for x in row] == pytest.approx(want.values.flatten().tolist(), abs=1e-5)
+
+
 def test_speculator_drafts_with_the_table_of_the_sequences_heads():
     table = NgramTable.build([[1, 2, 7]] * 3, min_count=1, weight=1.0)
     heads = types.SimpleNamespace(ngrams=table)

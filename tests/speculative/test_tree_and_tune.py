@@ -8,8 +8,17 @@ import random
 import pytest
 import torch
 
+from gorgon.engine.speculation import with_ngram_branch
 from gorgon.speculative.tree import BUILTIN_TREES, CandidateTree
-from gorgon.speculative.tune import best_trees, chain_hits, choose_tree, head_accuracy, ngram_hits
+from gorgon.speculative.tune import (
+    PositionDrafts,
+    best_trees,
+    chain_hits,
+    choose_tree,
+    head_accuracy,
+    ngram_hits,
+    prune_choice,
+)
 from gorgon.speculative.verify import accept, emitted_tokens
 
 
@@ -30,7 +39,28 @@ def test_tree_structure():
 def test_tree_from_json_file(tmp_path):
     f = tmp_path / "tree.json"
     f.write_text(json.dumps([[0], [1], [0, 0]]))
-    assert CandidateTree.load(str(f)).paths == ((0,), (1,), (0, 0))
+    tree = CandidateTree.load(str(f))
+    assert tree.paths == ((0,), (1,), (0, 0)) and tree.prune_below is None
+    assert tree.to_json() == [[0], [1], [0, 0]]  # a tree without pruning is written as Medusa choices
+
+
+def test_tree_file_with_prune_below(tmp_path):
+    f = tmp_path / "tree.json"
+    f.write_text(json.dumps({"paths": [[0], [0, 0]], "prune_below": -9}))
+    tree = CandidateTree.load(str(f))
+    assert tree.paths == ((0,), (0, 0)) and tree.prune_below == -9.0
+    assert CandidateTree.from_json(tree.to_json()) == tree
+    assert CandidateTree.from_json({"paths": [[0]], "prune_below": None}).prune_below is None
+    for bad in (
+        {"paths": [[0]], "prune_below": "low"},
+        {"paths": [[0]], "prune_below": True},
+        {"paths": [[0]], "prune_below": float("nan")},
+        {"paths": [[0]], "prune_below": -5, "depth": 3},
+        {"prune_below": -5},
+        [0, 1],
+    ):
+        with pytest.raises(ValueError, match="Medusa tree"):
+            CandidateTree.from_json(bad)
 
 
 def brute_force_accept(tree, nodes, targets):
@@ -125,6 +155,49 @@ def test_choose_tree_counts_the_ngram_node():
         width = a.tree.top_k
         assert b.expected_tokens == pytest.approx(a.expected_tokens + [0.2, 0.15][width - 1])
     assert (2, 1) in seen and (3, 1) in seen  # the same one-node tree, with and without its n-gram row
+
+
+def _two_kinds_of_rows(n: int = 40) -> PositionDrafts:
+    """Rows where the heads are sure and right two deep, and rows where head 1 is unsure and wrong."""
+    sure = torch.tensor([[-0.1, -3.0], [-0.2, -3.0]])
+    unsure = torch.tensor([[-0.1, -3.0], [-6.0, -6.5]])
+    hits = [(0, 0) if i % 2 == 0 else (0,) for i in range(n)]
+    scores = torch.stack([sure if i % 2 == 0 else unsure for i in range(n)])
+    return PositionDrafts(hits, scores)
+
+
+def test_prune_choice_drops_deep_nodes_only_where_their_drafts_score_low():
+    drafts = _two_kinds_of_rows()
+    tree = CandidateTree.load("chain-2")
+    expected = 1 + 1.0 + 0.5  # [0] always accepted, [0, 0] on half the rows
+
+    def costly(rows, depth):  # every verified row costs a tenth of a step
+        return 0.01 * (1 + 0.1 * (rows - 1))
+
+    fit = prune_choice(tree, (), drafts, expected, costly, 0)
+    assert fit.tree.paths == tree.paths and -6.2 <= fit.tree.prune_below < -0.3
+    assert fit.expected_tokens == pytest.approx(expected)  # only rejected nodes were pruned
+    assert fit.step_seconds == pytest.approx(0.01 * (1.2 + 1.1) / 2)
+    # Rows that cost nothing are never worth pruning.
+    free = prune_choice(tree, (), drafts, expected, lambda rows, depth: 0.01, 0)
+    assert free.tree.prune_below is None and free.tokens_per_second == pytest.approx(expected / 0.01)
+    # The n-gram node last in the list is always kept, so nothing before it can be pruned.
+    served, ngram_nodes = with_ngram_branch(CandidateTree.load("chain-1"), 1)
+    one_deep = PositionDrafts([(0,)] * 4, torch.full((4, 1, 2), -15.0))
+    assert prune_choice(served, ngram_nodes, one_deep, 1.5, costly, 1).tree.prune_below is None
+
+
+def test_choose_tree_fits_pruning_from_the_drafts():
+    drafts = _two_kinds_of_rows()
+    acceptance = {(0,): 1.0, (0, 0): 0.5, (1,): 0.0, (0, 1): 0.0}
+
+    def cost(rows, depth):  # every verified row costs a tenth of a step
+        return 0.01 * (1 + 0.1 * (rows - 1))
+
+    best, _ = choose_tree(acceptance, cost, 2, None, drafts)
+    assert best.tree.paths == ((0,), (0, 0)) and best.tree.prune_below is not None
+    fixed, _ = choose_tree(acceptance, cost, 2)
+    assert fixed.tree.prune_below is None and best.tokens_per_second > fixed.tokens_per_second
 
 
 def test_ngram_hits_count_only_new_tokens():
@@ -227,8 +300,8 @@ def test_tune_tree_cli_end_to_end(tmp_path, capsys, monkeypatch, table):
     ]
     argv += ["--prompts-file", str(prompts), "--max-new-tokens", "12", "--max-nodes", "4", "--top-k", "2"]
     assert main(argv) == 0
-    tree = json.loads((tmp_path / "adapter" / "gorgon_tree.json").read_text())
-    assert 1 <= len(tree) <= 4 and CandidateTree.from_paths(tree).depth <= 2
+    tree = CandidateTree.load(str(tmp_path / "adapter" / "gorgon_tree.json"))
+    assert 1 <= tree.size <= 4 and tree.depth <= 2
     assert "<- chosen" in capsys.readouterr().out
     assert bool(calls) == table and all(n == 37 for n in calls)  # tokens 3..39
     if table:  # the table's weight and floor refitted on the tuning answers, written with the tree

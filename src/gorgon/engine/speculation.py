@@ -93,7 +93,7 @@ class Speculator:
         tree.check_heads(heads.config.num_heads)
         self.heads = heads
         self.lm_head = lm_head
-        self.tree, self.ngram_nodes = _with_ngram_branch(tree, min(ngram_branch, heads.config.num_heads))
+        self.tree, self.ngram_nodes = with_ngram_branch(tree, min(ngram_branch, heads.config.num_heads))
         self.max_ngram = max_ngram
         self.max_batch_size = max_batch_size
         self.stats = SpeculationStats(accepted_per_depth=[0] * self.tree.depth)
@@ -143,18 +143,43 @@ class Speculator:
 
     def tree_from_logits(self, logits: torch.Tensor, seq=None, vocab=None) -> list[int]:
         """[depth, V] speculative logits of one sequence (V: the tokens of `vocab`, a `DraftVocab`, when
-        given) -> its candidate tree's node tokens."""
-        return self._fill_ngram_branch(self.tree.node_tokens(self._ranked(logits, seq, vocab)), seq)
+        given) -> its candidate tree's node tokens (without the nodes the tree prunes this step)."""
+        prune = self.tree.prune_below
+        ranked, scores = self._ranked(logits, seq, vocab, prune is not None)
+        nodes, filled = self._fill_ngram_branch(self.tree.node_tokens(ranked), seq)
+        if prune is None:
+            return nodes
+        return nodes[: self._kept(scores, filled, prune)]
 
-    def _ranked(self, logits: torch.Tensor, seq, vocab) -> list[list[int]]:
-        """Each depth's top-k guesses: by the heads' logits, reranked with their n-gram table when they
-        carry one (it knows the root token the heads drafted without)."""
+    def _kept(self, scores: list[list[float]], ngram_filled: bool, prune_below: float) -> int:
+        """How many of the tree's nodes to verify: all but the trailing ones (the deepest) whose path score
+        is below `prune_below`. A node the n-gram lookup filled has no score and is always kept."""
+        paths, keep = self.tree.paths, self.tree.size
+        while keep > 0:
+            node = keep - 1
+            if ngram_filled and node in self.ngram_nodes:
+                break
+            if sum(scores[depth][rank] for depth, rank in enumerate(paths[node])) >= prune_below:
+                break
+            keep -= 1
+        return keep
+
+    def _ranked(self, logits: torch.Tensor, seq, vocab, with_scores: bool = False):
+        """Each depth's top-k guesses, by the heads' logits, reranked with their n-gram table when they
+        carry one (it knows the root token the heads drafted without); with `with_scores`, also each guess's
+        score (head log-probability + weighted table log-frequency), else None."""
         heads = (seq.medusa if seq is not None else None) or self.heads
         table = heads.ngrams if heads is not None else None
         if table is not None and seq is not None:
-            return table.rank(logits, seq.token_ids, self.tree.top_k, vocab)
-        columns = top_k(logits.float(), self.tree.top_k)[1]
-        return (columns if vocab is None else vocab.tokens(columns)).tolist()
+            if with_scores:
+                return table.rank_scored(logits, seq.token_ids, self.tree.top_k, vocab)
+            return table.rank(logits, seq.token_ids, self.tree.top_k, vocab), None
+        logits = logits.float()
+        values, columns = top_k(logits, self.tree.top_k)
+        ranked = (columns if vocab is None else vocab.tokens(columns)).tolist()
+        if not with_scores:
+            return ranked, None
+        return ranked, (values - torch.logsumexp(logits, -1, keepdim=True)).tolist()
 
     @functools.cached_property
     def _first_level_nodes(self) -> tuple[int, ...]:
@@ -162,16 +187,18 @@ class Speculator:
         paths = self.tree.paths
         return tuple(i for i, p in enumerate(paths) if len(p) == 1 and i not in self.ngram_nodes)
 
-    def _fill_ngram_branch(self, nodes: list[int], seq) -> list[int]:
+    def _fill_ngram_branch(self, nodes: list[int], seq) -> tuple[list[int], bool]:
         """The n-gram branch's nodes take what followed the last earlier occurrence of the sequence's last
         tokens (prompt lookup); without a match, or when its first token is already a first-level node
-        (a row spent twice on one token), they keep their Medusa guesses (the next top-k rank)."""
+        (a row spent twice on one token), they keep their Medusa guesses (the next top-k rank). Returns the
+        nodes and whether the lookup filled the branch."""
         if self.ngram_nodes and seq is not None:
             follow = lookup(seq.token_ids, len(self.ngram_nodes), self.max_ngram)
             if follow and follow[0] not in {nodes[i] for i in self._first_level_nodes}:
                 for node, token in zip(self.ngram_nodes, follow):
                     nodes[node] = token
-        return nodes
+                return nodes, True
+        return nodes, False
 
     @torch.inference_mode()
     def draft(self, hidden: torch.Tensor, seqs: list) -> list[list[int]]:
@@ -189,7 +216,7 @@ class Speculator:
         return trees
 
 
-def _with_ngram_branch(tree: CandidateTree, depth: int) -> tuple[CandidateTree, tuple[int, ...]]:
+def with_ngram_branch(tree: CandidateTree, depth: int) -> tuple[CandidateTree, tuple[int, ...]]:
     """The tree plus a chain of `depth` nodes (at most the number of heads) for n-gram continuations, and
     those nodes' indices by depth.
 
@@ -199,7 +226,7 @@ def _with_ngram_branch(tree: CandidateTree, depth: int) -> tuple[CandidateTree, 
         return tree, ()
     rank = tree.top_k
     chain = [(rank,) * d for d in range(1, depth + 1)]  # deeper than the tree is fine: the heads reach it
-    combined = CandidateTree.from_paths(list(tree.paths) + chain)
+    combined = CandidateTree.from_paths(list(tree.paths) + chain, tree.prune_below)
     index = {p: i for i, p in enumerate(combined.paths)}
     return combined, tuple(index[p] for p in chain)
 

@@ -239,22 +239,30 @@ class NgramTable:
         """[depth, V] head logits -> each depth's `top_k` guesses ranked by head log-probability + weight *
         table log-frequency. Depth d's context is `context` (ending with the tree's root) extended by the best
         guesses of the depths before it. `vocab` (a `DraftVocab`): the logits' columns are its tokens."""
+        return self.rank_scored(head_logits, context, top_k, vocab, normalize=False)[0]
+
+    def rank_scored(
+        self, head_logits: torch.Tensor, context: Sequence[int], top_k: int, vocab=None, normalize=True
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """`rank`, with each guess's score: head log-probability (with `normalize`; else the raw logit,
+        which ranks the same) + weight * table log-frequency, where the table knows the context."""
         # Within a depth, head log-probabilities are the logits shifted by one constant (the log-sum-exp):
-        # the raw logits rank the same and spare a pass over the vocabulary. This runs once per sequence and
-        # step, so the per-depth work is NumPy and plain Python on the few candidates, not torch calls.
+        # ranking alone needs only the raw logits, sparing a pass over the vocabulary. This runs once per
+        # sequence and step, so the per-depth work is NumPy and plain Python on the few candidates.
         logits = head_logits.float()
         top_values, top_columns = top_k_rows(logits, min(max(top_k, CANDIDATES), logits.shape[-1]))
+        shifts = torch.logsumexp(logits, -1).tolist() if normalize else [0.0] * logits.shape[0]
         head_lp = logits.cpu().numpy()
         top_columns = top_columns.cpu().numpy()
         top_ids = (top_columns if vocab is None else vocab.ids_array[top_columns]).tolist()
         context = list(context[max(len(context) - self.max_order, 0) :])  # all that lookups read
-        out = []
-        for lp, ids, values in zip(head_lp, top_ids, top_values.tolist()):
+        out, out_scores = [], []
+        for lp, ids, values, shift in zip(head_lp, top_ids, top_values.tolist(), shifts):
             found = self.lookup(context)
             if found is None:
-                ranked = ids[:top_k]
+                scores = {t: s - shift for t, s in zip(ids, values)}
             else:
-                bonus = self.weight * self.floor
+                bonus = self.weight * self.floor - shift
                 scores = {t: s + bonus for t, s in zip(ids, values)}
                 tokens, table_lp = found
                 columns = tokens.astype(np.int64) if vocab is None else vocab.index[tokens]
@@ -262,11 +270,12 @@ class NgramTable:
                 for t, h, g in zip(
                     tokens[drafted].tolist(), lp[columns[drafted]].tolist(), table_lp[drafted].tolist()
                 ):
-                    scores[t] = h + self.weight * g
-                ranked = sorted(scores, key=scores.__getitem__, reverse=True)[:top_k]
+                    scores[t] = h - shift + self.weight * g
+            ranked = sorted(scores, key=scores.__getitem__, reverse=True)[:top_k]
             out.append(ranked)
+            out_scores.append([scores[t] for t in ranked])
             context.append(ranked[0])
-        return out
+        return out, out_scores
 
 
 def _check(order: _Order, path) -> None:

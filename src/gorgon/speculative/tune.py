@@ -13,6 +13,11 @@
    gain, counted only where no tree node already holds the right token, is measured on the same answers.
 4. Measure the step cost of verifying the tree's rows (with the n-gram node's) and of its heads' rows
    through the lm_head, and keep the tree with the most tokens per second.
+5. Each tree may prune (`CandidateTree.prune_below`): at every answer row, the score of each node's drafts
+   (as the server scores them) says which trailing nodes the server would not verify; the fit takes the
+   threshold whose fewer rows and lost acceptances give the most tokens per second (`prune_choice`), and
+   trees are compared pruned. A deep node then pays for its row on the steps where its drafts are likely,
+   so the chosen tree may be deeper than a fixed one would be.
 
 Heads that carry an n-gram table first get the table's weight and floor refitted (`fit_ngram_weights`, a
 small grid) on the same answers, before any of the above: how much to trust the table depends on the heads
@@ -26,7 +31,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -70,6 +75,21 @@ def ranked_guesses(
         return columns if vocab is None else vocab.tokens(columns)
     ranked = [heads.ngrams.rank(row, ctx, top_k, vocab) for row, ctx in zip(logits, contexts)]
     return torch.tensor(ranked, dtype=torch.long).view(len(ranked), logits.shape[1], top_k)
+
+
+def scored_guesses(
+    logits: torch.Tensor, heads, top_k: int, contexts: list[list[int]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ranked_guesses` and each guess's score [T, num_heads, top_k], as the server scores drafts to prune
+    a tree's nodes: head log-probability + the table's weighted log-frequency where it knows the context."""
+    vocab = heads.draft_vocab
+    if heads.ngrams is None or contexts is None:
+        values, columns = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+        return (columns if vocab is None else vocab.tokens(columns)), values
+    rows = [heads.ngrams.rank_scored(row, ctx, top_k, vocab) for row, ctx in zip(logits, contexts)]
+    shape = (len(rows), logits.shape[1], top_k)
+    guesses = torch.tensor([r for r, _ in rows], dtype=torch.long).view(shape)
+    return guesses, torch.tensor([sc for _, sc in rows], dtype=torch.float64).view(shape)
 
 
 # The table's weight against the heads' log-probabilities, and the log-frequency it gives a token never seen
@@ -136,14 +156,23 @@ def chain_hits(guesses: torch.Tensor, future: list[int]) -> Counter:
     followed (`future[t + 1 + k]` for head k), as deep as they keep guessing right: the path a verification
     would accept, and each of its prefixes, count one hit. `guesses` [T, num_heads, top_k] (`head_guesses`)."""
     hits: Counter = Counter()
+    for path in hit_paths(guesses, future):
+        hits.update(path[:d] for d in range(1, len(path) + 1))
+    return hits
+
+
+def hit_paths(guesses: torch.Tensor, future: list[int]) -> list[tuple[int, ...]]:
+    """Per answer row, the deepest path of ranks the heads guessed right (`chain_hits`): node p is
+    accepted there when p is a prefix of it."""
+    out = []
     for t, ranked in enumerate(guesses.tolist()):
         path: tuple[int, ...] = ()
         for k, guessed in enumerate(ranked):
             if t + 1 + k >= len(future) or future[t + 1 + k] not in guessed:
                 break
             path += (guessed.index(future[t + 1 + k]),)
-            hits[path] += 1
-    return hits
+        out.append(path)
+    return out
 
 
 def best_trees(
@@ -205,18 +234,94 @@ def candidates(
 
 
 def choose_tree(
-    acceptance: Mapping[tuple[int, ...], float], cost, max_nodes: int, ngram: torch.Tensor | None = None
+    acceptance: Mapping[tuple[int, ...], float],
+    cost,
+    max_nodes: int,
+    ngram: torch.Tensor | None = None,
+    drafts: PositionDrafts | None = None,
+    branch: int = 0,
 ) -> tuple[TreeChoice, list[TreeChoice]]:
     """The tree with the most expected tokens per second; also every candidate size, for the report.
     `acceptance`: each node's measured acceptance (`chain_hits` over the answer positions).
     `cost(rows, depth)`: seconds of a step verifying `rows` rows whose heads draft `depth` deep (VerifyCost).
-    `ngram`: as for `candidates`."""
+    `ngram`: as for `candidates`. `drafts`: the answers' rows, to fit each tree's `prune_below`
+    (`prune_choice`; the served tree adds `branch` n-gram nodes); without them no tree prunes."""
+    from gorgon.engine.speculation import with_ngram_branch
+
+    branch = min(branch, max(len(p) for p in acceptance)) if ngram is not None else 0  # as the server
     choices = []
     for tree, expected, rows, depth in candidates(acceptance, max_nodes, ngram):
         seconds = cost(rows, depth)
-        choices.append(TreeChoice(tree, expected, seconds, expected / seconds))
+        choice = TreeChoice(tree, expected, seconds, expected / seconds)
+        if drafts is not None:
+            served, ngram_nodes = with_ngram_branch(tree, branch)
+            fit = prune_choice(served, ngram_nodes, drafts, expected, cost, branch)
+            pruned = replace(tree, prune_below=fit.tree.prune_below)
+            choice = TreeChoice(pruned, fit.expected_tokens, fit.step_seconds, fit.tokens_per_second)
+        choices.append(choice)
     best = max(choices, key=lambda c: c.tokens_per_second)
     return best, choices
+
+
+# Candidate `prune_below` values: path scores are sums of log-probabilities and weighted log-frequencies.
+PRUNE_GRID = tuple(float(x) for x in range(-20, -1))
+
+
+@dataclass(frozen=True)
+class PositionDrafts:
+    """The tuning answers' rows as a tree sees them: the path the heads guessed right at each row
+    (`hit_paths`) and every guess's score [T, num_heads, top_k] (`scored_guesses`)."""
+
+    hits: list[tuple[int, ...]]
+    scores: torch.Tensor
+
+
+def prune_choice(
+    tree: CandidateTree,
+    ngram_nodes: tuple[int, ...],
+    drafts: PositionDrafts,
+    expected: float,
+    cost,
+    branch: int,
+) -> TreeChoice:
+    """The `prune_below` (or none) that gives `tree` the most tokens per second on `drafts`: at each row the
+    server keeps all but the trailing nodes scoring below it (`Speculator._kept`; the n-gram nodes are taken
+    as always kept), so the step verifies fewer rows and loses the pruned nodes' acceptances. `tree`: the
+    served tree (with its n-gram nodes); `expected`: its tokens per step unpruned (`candidates`)."""
+    paths, size, depth = tree.paths, tree.size, tree.depth
+    n = len(drafts.hits)
+    scores = drafts.scores.double()
+    node_scores = torch.full((n, size), math.inf, dtype=torch.float64)
+    accepted = torch.zeros(n, size, dtype=torch.float64)
+    for i, path in enumerate(paths):
+        if i in ngram_nodes:
+            continue  # its score is not the heads' when the lookup fills it; its gain is in `expected`
+        ranks = torch.tensor(path)
+        node_scores[:, i] = scores[:, torch.arange(len(path)), ranks].sum(dim=1)
+        accepted[:, i] = torch.tensor([float(h[: len(path)] == path) for h in drafts.hits])
+    extra_rows = max(branch - 1, 0)  # VerifyCost counts n-gram nodes past the first itself
+
+    def step(rows: int) -> float:
+        return cost(rows - extra_rows, depth)
+
+    full = TreeChoice(tree, expected, step(1 + size), expected / step(1 + size))
+    best = full
+    for threshold in PRUNE_GRID:
+        below = (node_scores < threshold).flip(1).to(torch.long)
+        keep = size - below.cumprod(dim=1).sum(dim=1)  # all but the trailing run of low nodes
+        pruned = torch.arange(size)[None, :] >= keep[:, None]
+        tokens = expected - float((accepted * pruned).sum()) / max(n, 1)
+        rows, counts = torch.unique(1 + keep, return_counts=True)
+        seconds = sum(step(int(r)) * int(c) for r, c in zip(rows, counts)) / max(n, 1)
+        choice = TreeChoice(replace(tree, prune_below=threshold), tokens, seconds, tokens / seconds)
+        if choice.tokens_per_second > best.tokens_per_second:
+            best = choice
+    return best
+
+
+def pruned_rows(tree: CandidateTree, branch: int) -> list[int]:
+    """Every row count a pruned `tree` may verify (for timing them up front)."""
+    return list(range(1, tree.size + 2 - max(branch - 1, 0)))
 
 
 class VerifyCost:
@@ -310,6 +415,7 @@ def run_tune_tree(args) -> int:
         AnswerRows(answer_hidden_states(engine, p, outputs[i]), p, outputs[i]) for i, p in enumerate(ids)
     ]
     out = Path(args.output) if args.output else Path(args.adapter_id) / DEFAULT_TREE_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
     heads = spec.heads
     if heads.ngrams is not None and args.fit_ngram_weights:
         before = (heads.ngrams.weight, heads.ngrams.floor)
@@ -323,15 +429,21 @@ def run_tune_tree(args) -> int:
         print(f"wrote {table_out} (n-gram weight {weight:g}, floor log({math.exp(floor):.0e}))")
     branch = args.medusa_ngram_branch
     hits, nodes, ngram, total = None, Counter(), torch.zeros(args.top_k), 0
+    paths, scores = [], []
     for a in answers:
         hidden, prompt, answer = a.hidden, a.prompt, a.answer
-        guesses = head_guesses(hidden, heads, model.lm_head, args.top_k + 1, a.contexts())
+        logits = draft_logits(hidden, heads, model.lm_head)
+        guesses, guess_scores = scored_guesses(logits, heads, args.top_k + 1, a.contexts())
         h = head_accuracy(hidden, answer, heads, model.lm_head, args.top_k, guesses[..., : args.top_k])
         hits = h if hits is None else hits + h
-        nodes.update(chain_hits(guesses[..., : args.top_k], answer))
+        rows = hit_paths(guesses[..., : args.top_k], answer)
+        nodes.update(path[:d] for path in rows for d in range(1, len(path) + 1))
+        paths += rows
+        scores.append(guess_scores)
         if branch:
             ngram += ngram_hits(prompt, answer, guesses[:, 0])
         total += len(answer)
+    drafts = PositionDrafts(paths, torch.cat(scores)) if args.prune_nodes else None
     p = hits / max(total, 1)
     log.info(
         "head accuracy by rank:\n%s",
@@ -354,19 +466,25 @@ def run_tune_tree(args) -> int:
         ),
     )
     gain = ngram / max(total, 1) if branch else None
-    shapes = [(rows, depth) for _, _, rows, depth in candidates(acceptance, args.max_nodes, gain)]
-    cost.measure([(1, 0), *shapes])
-    best, choices = choose_tree(acceptance, cost, args.max_nodes, gain)
+    shapes = {(1, 0)}
+    for _, _, rows, depth in candidates(acceptance, args.max_nodes, gain):
+        # A pruned tree verifies fewer rows: time each count its steps may take.
+        shapes.update((r, depth) for r in (range(2, rows + 1) if drafts is not None else [rows]))
+    cost.measure(sorted(shapes))
+    best, choices = choose_tree(acceptance, cost, args.max_nodes, gain, drafts, branch)
     print(
-        f"{'nodes':>5} {'tokens/step':>12} {'step ms':>8} {'tokens/s':>9}  (n-gram branch: {branch} node(s))"
+        f"{'nodes':>5} {'tokens/step':>12} {'step ms':>8} {'tokens/s':>9} {'prune below':>12}"
+        f"  (n-gram branch: {branch} node(s))"
     )
     print(f"{0:>5} {1.0:>12.3f} {cost(1, 0) * 1e3:>8.1f} {1 / cost(1, 0):>9.1f}")
     for c in choices:
         mark = "  <- chosen" if c is best else ""
+        prune = "-" if c.tree.prune_below is None else f"{c.tree.prune_below:g}"
         print(
-            f"{c.tree.size:>5} {c.expected_tokens:>12.3f} {c.step_seconds * 1e3:>8.1f} {c.tokens_per_second:>9.1f}{mark}"
+            f"{c.tree.size:>5} {c.expected_tokens:>12.3f} {c.step_seconds * 1e3:>8.1f} "
+            f"{c.tokens_per_second:>9.1f} {prune:>12}{mark}"
         )
-    out.write_text(json.dumps([list(path) for path in best.tree.paths]))
+    out.write_text(json.dumps(best.tree.to_json()))
     print(
         f"wrote {out} ({best.tree.size} nodes, top-1 accuracy by head: {', '.join(f'{x:.3f}' for x in p[:, 0].tolist())})"
     )
