@@ -319,11 +319,6 @@ def prune_choice(
     return best
 
 
-def pruned_rows(tree: CandidateTree, branch: int) -> list[int]:
-    """Every row count a pruned `tree` may verify (for timing them up front)."""
-    return list(range(1, tree.size + 2 - max(branch - 1, 0)))
-
-
 class VerifyCost:
     """Measured seconds of a verification step: `rows` verified rows of one sequence (the tree's, plus
     `branch` n-gram nodes deeper than the first; attention reads their shared keys once), and the Medusa
