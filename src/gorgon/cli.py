@@ -51,7 +51,10 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
     p.add_argument(
-        "--medusa-tree", default=None, help="candidate tree: chain-N, tree-8, tree-16 or a JSON file of paths"
+        "--medusa-tree",
+        default=None,
+        help="candidate tree: chain-N, tree-8, tree-16 or a JSON file of paths (or of "
+        '{"paths": [...], "prune_below": x}, a tree that leaves out its low-scoring deepest nodes)',
     )
     p.add_argument(
         "--speculative-tokens", type=int, default=0, help="n-gram speculation when no Medusa adapter"
