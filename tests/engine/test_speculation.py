@@ -440,6 +440,9 @@ def test_time_forward_touches_only_the_scratch_slot(shared, monkeypatch):
     assert seen["shared"] is True and seen["head_depth"] == 2
 
 
+CHAIN_3 = [(0,), (0, 0), (0, 0, 0)]
+
+
 def test_pruned_tree_verifies_only_the_nodes_whose_drafts_score_high_enough():
     """A tree with `prune_below` drops its trailing (deepest) nodes whose path score (summed head
     log-probabilities, no table here) is below it; a node the n-gram lookup filled is always kept."""
@@ -454,7 +457,7 @@ def test_pruned_tree_verifies_only_the_nodes_whose_drafts_score_high_enough():
     fresh = SimpleNamespace(token_ids=[1, 2, 3], medusa=None)
 
     def nodes(prune_below, branch=0, seq=fresh):
-        tree = CandidateTree.from_paths(BUILTIN_CHAIN_3, prune_below)
+        tree = CandidateTree.from_paths(CHAIN_3, prune_below)
         spec = Speculator(heads, None, tree, 64, ngram_branch=branch)
         return spec.tree_from_logits(logits, seq)
 
@@ -468,9 +471,6 @@ def test_pruned_tree_verifies_only_the_nodes_whose_drafts_score_high_enough():
     repeat = SimpleNamespace(token_ids=[5, 6, 7, 8, 5, 6], medusa=None)  # "5 6" was followed by 7
     assert nodes(0.5, branch=1, seq=repeat) == [11, 7]
     assert nodes(0.5, branch=1, seq=fresh) == []  # no match: it holds a flat guess of head 0, pruned too
-
-
-BUILTIN_CHAIN_3 = [(0,), (0, 0), (0, 0, 0)]
 
 
 def _recording(tree_from_logits, sizes: list[int]):
@@ -497,11 +497,11 @@ def test_pruned_trees_stay_exact(hf_model, tiny_tokenizer, dtype):
     plain = run(engine(hf_model, tiny_tokenizer, dtype), reqs)
     sizes = []
     for prune_below in (-11.6, 0.5):
-        fast_engine = engine(hf_model, tiny_tokenizer, dtype)
-        tree = CandidateTree.from_paths(BUILTIN_CHAIN_3, prune_below)
-        spec = Speculator(heads, fast_engine.model.lm_head, tree, 64, ngram_branch=1)
+        model = gorgon_from_hf(hf_model, dtype)
+        tree = CandidateTree.from_paths(CHAIN_3, prune_below)
+        spec = Speculator(heads, model.lm_head, tree, 64, ngram_branch=1)
         spec.tree_from_logits = _recording(spec.tree_from_logits, sizes)
-        fast_engine = engine(hf_model, tiny_tokenizer, dtype, spec)
+        fast_engine = LLMEngine(model, tiny_tokenizer, CONFIG, dtype, torch.device("cpu"), {1}, spec)
         fast = run(fast_engine, reqs, arrivals=[0, 1, 1, 3])
         for a, b in zip(plain, fast):
             assert [(t.id, t.logprob) for t in a.tokens] == [(t.id, t.logprob) for t in b.tokens]
