@@ -259,8 +259,8 @@ class NgramTable:
         out, out_scores = [], []
         for lp, ids, values, shift in zip(head_lp, top_ids, top_values.tolist(), shifts):
             found = self.lookup(context)
-            if found is None:
-                scores = {t: s - shift for t, s in zip(ids, values)}
+            if found is None:  # the heads' own order (top_k_rows sorts it)
+                ranked, row_scores = ids[:top_k], [v - shift for v in values[:top_k]]
             else:
                 bonus = self.weight * self.floor - shift
                 scores = {t: s + bonus for t, s in zip(ids, values)}
@@ -271,9 +271,10 @@ class NgramTable:
                     tokens[drafted].tolist(), lp[columns[drafted]].tolist(), table_lp[drafted].tolist()
                 ):
                     scores[t] = h - shift + self.weight * g
-            ranked = sorted(scores, key=scores.__getitem__, reverse=True)[:top_k]
+                ranked = sorted(scores, key=scores.__getitem__, reverse=True)[:top_k]
+                row_scores = [scores[t] for t in ranked]
             out.append(ranked)
-            out_scores.append([scores[t] for t in ranked])
+            out_scores.append(row_scores)
             context.append(ranked[0])
         return out, out_scores
 
