@@ -69,24 +69,21 @@ def ranked_guesses(
     logits: torch.Tensor, heads, top_k: int, contexts: list[list[int]] | None = None
 ) -> torch.Tensor:
     """`head_guesses` from the heads' logits (`draft_logits`)."""
-    vocab = heads.draft_vocab
-    if heads.ngrams is None or contexts is None:
-        columns = logits.topk(top_k, dim=-1).indices
-        return columns if vocab is None else vocab.tokens(columns)
-    ranked = [heads.ngrams.rank(row, ctx, top_k, vocab) for row, ctx in zip(logits, contexts)]
-    return torch.tensor(ranked, dtype=torch.long).view(len(ranked), logits.shape[1], top_k)
+    return scored_guesses(logits, heads, top_k, contexts, normalize=False)[0]
 
 
 def scored_guesses(
-    logits: torch.Tensor, heads, top_k: int, contexts: list[list[int]] | None = None
+    logits: torch.Tensor, heads, top_k: int, contexts: list[list[int]] | None = None, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ranked_guesses` and each guess's score [T, num_heads, top_k], as the server scores drafts to prune
-    a tree's nodes: head log-probability + the table's weighted log-frequency where it knows the context."""
+    a tree's nodes: head log-probability + the table's weighted log-frequency where it knows the context.
+    Without `normalize`, raw logits stand for the log-probabilities (the same ranking, one pass less)."""
     vocab = heads.draft_vocab
     if heads.ngrams is None or contexts is None:
-        values, columns = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+        logits = torch.log_softmax(logits.float(), dim=-1) if normalize else logits
+        values, columns = logits.topk(top_k, dim=-1)
         return (columns if vocab is None else vocab.tokens(columns)), values
-    rows = [heads.ngrams.rank_scored(row, ctx, top_k, vocab) for row, ctx in zip(logits, contexts)]
+    rows = [heads.ngrams.rank_scored(row, ctx, top_k, vocab, normalize) for row, ctx in zip(logits, contexts)]
     shape = (len(rows), logits.shape[1], top_k)
     guesses = torch.tensor([r for r, _ in rows], dtype=torch.long).view(shape)
     return guesses, torch.tensor([sc for _, sc in rows], dtype=torch.float64).view(shape)
@@ -155,10 +152,12 @@ def chain_hits(guesses: torch.Tensor, future: list[int]) -> Counter:
     """Hits per tree node: at answer row t, the ranks at which heads 0, 1, ... guessed the tokens that
     followed (`future[t + 1 + k]` for head k), as deep as they keep guessing right: the path a verification
     would accept, and each of its prefixes, count one hit. `guesses` [T, num_heads, top_k] (`head_guesses`)."""
-    hits: Counter = Counter()
-    for path in hit_paths(guesses, future):
-        hits.update(path[:d] for d in range(1, len(path) + 1))
-    return hits
+    return node_hits(hit_paths(guesses, future))
+
+
+def node_hits(paths: list[tuple[int, ...]]) -> Counter:
+    """Hits per tree node from each row's deepest right path (`hit_paths`): the path and its prefixes."""
+    return Counter(path[:d] for path in paths for d in range(1, len(path) + 1))
 
 
 def hit_paths(guesses: torch.Tensor, future: list[int]) -> list[tuple[int, ...]]:
@@ -251,14 +250,14 @@ def choose_tree(
     branch = min(branch, max(len(p) for p in acceptance)) if ngram is not None else 0  # as the server
     choices = []
     for tree, expected, rows, depth in candidates(acceptance, max_nodes, ngram):
-        seconds = cost(rows, depth)
-        choice = TreeChoice(tree, expected, seconds, expected / seconds)
-        if drafts is not None:
-            served, ngram_nodes = with_ngram_branch(tree, branch)
-            fit = prune_choice(served, ngram_nodes, drafts, expected, cost, branch)
-            pruned = replace(tree, prune_below=fit.tree.prune_below)
-            choice = TreeChoice(pruned, fit.expected_tokens, fit.step_seconds, fit.tokens_per_second)
-        choices.append(choice)
+        if drafts is None:
+            seconds = cost(rows, depth)
+            choices.append(TreeChoice(tree, expected, seconds, expected / seconds))
+            continue
+        served, ngram_nodes = with_ngram_branch(tree, branch)
+        fit = prune_choice(served, ngram_nodes, drafts, expected, cost, branch)
+        pruned = replace(tree, prune_below=fit.tree.prune_below)
+        choices.append(TreeChoice(pruned, fit.expected_tokens, fit.step_seconds, fit.tokens_per_second))
     best = max(choices, key=lambda c: c.tokens_per_second)
     return best, choices
 
@@ -432,7 +431,7 @@ def run_tune_tree(args) -> int:
         h = head_accuracy(hidden, answer, heads, model.lm_head, args.top_k, guesses[..., : args.top_k])
         hits = h if hits is None else hits + h
         rows = hit_paths(guesses[..., : args.top_k], answer)
-        nodes.update(path[:d] for path in rows for d in range(1, len(path) + 1))
+        nodes.update(node_hits(rows))
         paths += rows
         scores.append(guess_scores)
         if branch:
